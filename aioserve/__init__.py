@@ -1,0 +1,110 @@
+"""aioserve: serve Python models and functions from a single asyncio process.
+
+The legacy Ray Serve backend/endpoint API on one event loop: ``import aioserve as serve``.
+"""
+
+from __future__ import annotations
+
+from .api import (
+    connect,
+    create_backend,
+    create_endpoint,
+    delete_backend,
+    delete_endpoint,
+    get_backend_config,
+    get_handle,
+    init,
+    link,
+    list_backends,
+    list_endpoints,
+    set_backend_config,
+    set_traffic,
+    shadow_traffic,
+    shutdown,
+    split,
+    start,
+    update_backend_config,
+)
+from .batching import accept_batch, batch
+from .client import Client, RayServeSyncHandle, SyncServeHandle
+from .config import BackendConfig, HTTPOptions
+from .exceptions import (
+    BackendError,
+    BackendInUse,
+    BackendNotFound,
+    BatchError,
+    BindError,
+    ConfigError,
+    ConfigTypeError,
+    DeadlineExceeded,
+    EndpointNotFound,
+    MethodNotFound,
+    NoTraffic,
+    Overloaded,
+    RayServeException,
+    ReplicaStopped,
+    RouteConflict,
+    ServeError,
+    ServeShutdown,
+)
+from .handle import RayServeHandle, ServeHandle
+from .policy import RoutePolicy
+from .replica import ReplicaContext, get_replica_context
+from .request import PythonRequest, context
+from .serve import Serve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendConfig",
+    "BackendError",
+    "BackendInUse",
+    "BackendNotFound",
+    "BatchError",
+    "BindError",
+    "Client",
+    "ConfigError",
+    "ConfigTypeError",
+    "DeadlineExceeded",
+    "EndpointNotFound",
+    "HTTPOptions",
+    "MethodNotFound",
+    "NoTraffic",
+    "Overloaded",
+    "PythonRequest",
+    "RayServeException",
+    "RayServeHandle",
+    "RayServeSyncHandle",
+    "ReplicaContext",
+    "ReplicaStopped",
+    "RouteConflict",
+    "RoutePolicy",
+    "Serve",
+    "ServeError",
+    "ServeHandle",
+    "ServeShutdown",
+    "SyncServeHandle",
+    "__version__",
+    "accept_batch",
+    "batch",
+    "connect",
+    "context",
+    "create_backend",
+    "create_endpoint",
+    "delete_backend",
+    "delete_endpoint",
+    "get_backend_config",
+    "get_handle",
+    "get_replica_context",
+    "init",
+    "link",
+    "list_backends",
+    "list_endpoints",
+    "set_backend_config",
+    "set_traffic",
+    "shadow_traffic",
+    "shutdown",
+    "split",
+    "start",
+    "update_backend_config",
+]

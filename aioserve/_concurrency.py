@@ -1,0 +1,138 @@
+"""The one place that spawns tasks and offloads work to threads.
+
+* :class:`TaskOwner` keeps a strong reference to every background task it spawns and cancels and
+  awaits them on :meth:`TaskOwner.aclose`; nothing in aioserve calls ``create_task`` bare.
+* :class:`ReplicaThread` is a one-thread executor: a sync replica runs its constructor and every
+  call on it, one at a time, like an actor, and never on the event loop.
+* :func:`spawn_threadsafe` starts a coroutine on another thread's loop, owned there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+from .exceptions import ServeShutdown
+
+__all__ = ["ReplicaThread", "TaskOwner", "spawn_threadsafe"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class TaskOwner:
+    """Owns background tasks: strong references while they run, cancel and await on close."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
+        """Start ``coro`` as a task owned here. Raises :class:`ServeShutdown` once closed."""
+        if self._closed:
+            coro.close()
+            raise ServeShutdown(f"{self.name} is closed; no new work is accepted.")
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __repr__(self) -> str:
+        return f"<TaskOwner {self.name!r} tasks={len(self._tasks)} closed={self._closed}>"
+
+    async def wait(self, timeout_s: float | None) -> bool:
+        """Wait for the tasks running now to finish; True if they all did within ``timeout_s``."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        return not pending
+
+    async def aclose(self) -> None:
+        """Refuse new tasks, cancel the running ones and wait until they have ended. Idempotent."""
+        self._closed = True
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ReplicaThread:
+    """A dedicated worker thread: calls run one at a time, in order, with the caller's context."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name
+        )
+
+    def submit(
+        self, ctx: contextvars.Context, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        """Queue ``fn(*args, **kwargs)`` to run in ``ctx`` on the thread."""
+        return self._executor.submit(functools.partial(ctx.run, fn, *args, **kwargs))
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on the thread with the current contextvars and wait for its result."""
+        future = self.submit(contextvars.copy_context(), fn, *args, **kwargs)
+        return await asyncio.wrap_future(future)
+
+    def shutdown(self) -> None:
+        """Drop queued calls; a running call finishes on its own (threads cannot be killed)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def spawn_threadsafe(
+    owner: TaskOwner, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
+) -> concurrent.futures.Future[T]:
+    """Start ``coro`` on ``loop`` (running in another thread) as a task of ``owner``.
+
+    The returned future is resolved with the task's outcome; cancelling it cancels the task.
+    """
+    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def start() -> None:
+        # The future stays pending (not running) so that the caller can cancel it at any time.
+        if result.cancelled():
+            coro.close()
+            return
+        try:
+            task = owner.spawn(coro)
+        except ServeShutdown as exc:
+            result.set_exception(exc)
+            return
+
+        def copy_outcome(done: asyncio.Task[T]) -> None:
+            if result.done():
+                return
+            if done.cancelled():
+                result.cancel()
+            elif (exc := done.exception()) is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(done.result())
+
+        task.add_done_callback(copy_outcome)
+
+        def propagate_cancel(fut: concurrent.futures.Future[T]) -> None:
+            if fut.cancelled() and not task.done():
+                loop.call_soon_threadsafe(task.cancel)
+
+        result.add_done_callback(propagate_cancel)
+
+    try:
+        loop.call_soon_threadsafe(start)
+    except RuntimeError as exc:  # the loop is closed
+        coro.close()
+        raise ServeShutdown("The aioserve instance has been shut down.") from exc
+    return result

@@ -1,0 +1,222 @@
+"""Module-level functions acting on the current instance, as ``from ray import serve`` scripts use.
+
+``start()`` makes a new instance current; ``init()`` (the 0.8 name) returns the running one if there
+is one. Inside a backend, the functions act on the instance that backend runs in.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .client import Client, SyncServeHandle
+from .config import BackendConfig, HTTPOptions
+from .exceptions import ServeError
+from .handle import ServeHandle
+from .policy import RoutePolicy
+from .replica import replica_var
+
+__all__ = [
+    "connect",
+    "create_backend",
+    "create_endpoint",
+    "delete_backend",
+    "delete_endpoint",
+    "get_backend_config",
+    "get_handle",
+    "init",
+    "link",
+    "list_backends",
+    "list_endpoints",
+    "set_backend_config",
+    "set_traffic",
+    "shadow_traffic",
+    "shutdown",
+    "split",
+    "start",
+    "update_backend_config",
+]
+
+_lock = threading.RLock()
+_clients: list[Client] = []  # running instances started here, the current one last
+
+
+def start(
+    detached: bool = False,
+    http_options: HTTPOptions | Mapping[str, Any] | None = None,
+    *,
+    queueing_policy: RoutePolicy | str = RoutePolicy.Random,
+    policy_kwargs: Mapping[str, object] | None = None,
+    debug: bool = False,
+) -> Client:
+    """Start a new instance (event loop + HTTP server in a background thread) and make it current.
+
+    Non-detached instances are shut down at interpreter exit; ``detached=True`` ones live until
+    ``shutdown()`` or the end of the process.
+    """
+    client = Client.start(
+        http_options,
+        detached=detached,
+        queueing_policy=queueing_policy,
+        policy_kwargs=policy_kwargs,
+        debug=debug,
+    )
+    with _lock:
+        _clients.append(client)
+    return client
+
+
+def init(
+    *,
+    blocking: bool = False,
+    start_server: bool = True,
+    http_host: str | None = None,
+    http_port: int = 8000,
+    queueing_policy: RoutePolicy | str = RoutePolicy.Random,
+    policy_kwargs: Mapping[str, object] | None = None,
+    http_options: HTTPOptions | Mapping[str, Any] | None = None,
+    ray_init_kwargs: Mapping[str, Any] | None = None,
+) -> Client:
+    """The 0.8 entry point: return the running instance, or start one.
+
+    ``blocking`` and ``ray_init_kwargs`` are accepted and have no effect here (the server is always
+    ready when ``init`` returns; there is no cluster to initialise).
+    """
+    with _lock:
+        for client in reversed(_clients):
+            if client.running:
+                return client
+    if http_options is None:
+        host = (http_host or "127.0.0.1") if start_server else None
+        http_options = {"host": host, "port": http_port}
+    return start(
+        http_options=http_options, queueing_policy=queueing_policy, policy_kwargs=policy_kwargs
+    )
+
+
+def connect() -> Client:
+    """The running instance: inside a backend, the one it runs in; else the current one."""
+    ctx = replica_var.get()
+    with _lock:
+        if ctx is not None:
+            for client in _clients:
+                if client.serve is ctx.instance:
+                    return client
+        for client in reversed(_clients):
+            if client.running:
+                return client
+    raise ServeError("No aioserve instance is running in this process; call serve.start() first.")
+
+
+def shutdown() -> None:
+    """Shut down the current instance (a no-op when none is running)."""
+    try:
+        client = connect()
+    except ServeError:
+        return
+    with _lock:
+        if client in _clients:
+            _clients.remove(client)
+    client.shutdown()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    with _lock:
+        clients = [c for c in _clients if not c.detached]
+    for client in clients:
+        # The interpreter is exiting; there is nobody left to tell of a failure.
+        with contextlib.suppress(Exception):
+            client.shutdown()
+
+
+def create_backend(
+    backend_tag: Any, func_or_class: Any = None, *init_args: Any, **options: Any
+) -> None:
+    """Create a backend on the current instance (see ``Serve.create_backend``)."""
+    connect().create_backend(backend_tag, func_or_class, *init_args, **options)
+
+
+def list_backends() -> dict[str, dict[str, Any]]:
+    """The current instance's backends (see ``Serve.list_backends``)."""
+    return connect().list_backends()
+
+
+def get_backend_config(backend_tag: str) -> BackendConfig:
+    """A copy of a backend's config (see ``Serve.get_backend_config``)."""
+    return connect().get_backend_config(backend_tag)
+
+
+def update_backend_config(
+    backend_tag: str, config_options: BackendConfig | Mapping[str, Any]
+) -> None:
+    """Change a live backend's config (see ``Serve.update_backend_config``)."""
+    connect().update_backend_config(backend_tag, config_options)
+
+
+set_backend_config = update_backend_config
+
+
+def delete_backend(backend_tag: str, force: bool = False) -> None:
+    """Delete a backend (see ``Serve.delete_backend``)."""
+    connect().delete_backend(backend_tag, force)
+
+
+def create_endpoint(
+    endpoint_name: Any,
+    backend: Any = None,
+    *,
+    route: Any = None,
+    methods: Iterable[str] | str = ("GET",),
+) -> None:
+    """Create an endpoint (see ``Serve.create_endpoint``)."""
+    connect().create_endpoint(endpoint_name, backend, route=route, methods=methods)
+
+
+def list_endpoints() -> dict[str, dict[str, Any]]:
+    """The current instance's endpoints (see ``Serve.list_endpoints``)."""
+    return connect().list_endpoints()
+
+
+def delete_endpoint(endpoint: str) -> None:
+    """Delete an endpoint (see ``Serve.delete_endpoint``)."""
+    connect().delete_endpoint(endpoint)
+
+
+def set_traffic(endpoint_name: str, traffic_policy_dictionary: Any) -> None:
+    """Split an endpoint's traffic (see ``Serve.set_traffic``)."""
+    connect().set_traffic(endpoint_name, traffic_policy_dictionary)
+
+
+split = set_traffic
+
+
+def link(endpoint_name: str, backend_tag: str) -> None:
+    """Send all of an endpoint's traffic to one backend."""
+    connect().link(endpoint_name, backend_tag)
+
+
+def shadow_traffic(endpoint_name: str, backend_tag: str, proportion: Any) -> None:
+    """Copy a proportion of an endpoint's traffic to a backend."""
+    connect().shadow_traffic(endpoint_name, backend_tag, proportion)
+
+
+def get_handle(
+    endpoint_name: str,
+    missing_ok: bool = False,
+    sync: bool = True,
+    *,
+    relative_slo_ms: float | None = None,
+    absolute_slo_ms: float | None = None,
+) -> SyncServeHandle | ServeHandle:
+    """A handle to an endpoint of the current instance (sync by default)."""
+    return connect().get_handle(
+        endpoint_name,
+        missing_ok,
+        sync,
+        relative_slo_ms=relative_slo_ms,
+        absolute_slo_ms=absolute_slo_ms,
+    )

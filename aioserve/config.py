@@ -1,0 +1,187 @@
+"""Validated configuration: :class:`BackendConfig` and :class:`HTTPOptions`.
+
+Both are plain dataclasses validated on construction. ``BackendConfig`` stays mutable because
+legacy scripts do ``config = serve.get_backend_config(tag); config.num_replicas = 2;
+serve.set_backend_config(tag, config)``; every entry point re-validates it (:meth:`coerce`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from .exceptions import ConfigError, ConfigTypeError
+
+__all__ = ["BackendConfig", "HTTPOptions", "Location"]
+
+Location = Literal["HeadOnly", "EveryNode", "NoServer"]
+_LOCATIONS: tuple[str, ...] = ("HeadOnly", "EveryNode", "NoServer")
+
+# Legacy spellings accepted in dicts, mapped to the field they set.
+_BACKEND_ALIASES = {
+    "experimental_graceful_shutdown_wait_loop_s": "graceful_shutdown_wait_loop_s",
+    "experimental_graceful_shutdown_timeout_s": "graceful_shutdown_timeout_s",
+    "batch_wait_timeout_s": "batch_wait_timeout",
+}
+
+
+def _check_int(name: str, value: object, *, minimum: int, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        allowed = "None or an int" if optional else "an int"
+        raise ConfigTypeError(f"{name} must be {allowed} >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}.")
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigTypeError(f"{name} must be a number of seconds >= 0, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}.")
+
+
+@dataclasses.dataclass
+class BackendConfig:
+    """How a backend runs: replicas, batching, concurrency and queue limits, user config.
+
+    ``max_concurrent_queries=None`` means the legacy default, resolved when the backend is created:
+    ``2 * max_batch_size`` (or 8) for a sync callable, 100 for an async one.
+    """
+
+    num_replicas: int = 1
+    max_batch_size: int | None = None
+    batch_wait_timeout: float = 0.0
+    max_concurrent_queries: int | None = None
+    max_queued_queries: int | None = 1000
+    user_config: Any = None
+    graceful_shutdown_wait_loop_s: float = 2.0
+    graceful_shutdown_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        _check_int("num_replicas", self.num_replicas, minimum=1, optional=False)
+        _check_int("max_batch_size", self.max_batch_size, minimum=1, optional=True)
+        _check_seconds("batch_wait_timeout", self.batch_wait_timeout)
+        _check_int("max_concurrent_queries", self.max_concurrent_queries, minimum=1, optional=True)
+        _check_int("max_queued_queries", self.max_queued_queries, minimum=1, optional=True)
+        _check_seconds("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)
+        _check_seconds("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s)
+        self.batch_wait_timeout = float(self.batch_wait_timeout)
+
+    @classmethod
+    def coerce(cls, value: BackendConfig | Mapping[str, Any] | None) -> BackendConfig:
+        """Return a validated copy of ``value`` (a BackendConfig, a dict of its fields, or None)."""
+        if value is None:
+            return cls()
+        if isinstance(value, BackendConfig):
+            # Re-validate: the object may have been mutated since it was made.
+            return dataclasses.replace(value)
+        if isinstance(value, Mapping):
+            return cls(**cls._fields_from(value))
+        raise ConfigTypeError(
+            f"config must be a BackendConfig or a dict of its fields, got {type(value).__name__}."
+        )
+
+    def updated(self, changes: BackendConfig | Mapping[str, Any]) -> BackendConfig:
+        """A validated copy with ``changes`` applied (a dict applies only the keys it names)."""
+        if isinstance(changes, BackendConfig):
+            return dataclasses.replace(changes)
+        if isinstance(changes, Mapping):
+            return dataclasses.replace(self, **self._fields_from(changes))
+        raise ConfigTypeError(
+            f"config must be a BackendConfig or a dict of its fields, got {type(changes).__name__}."
+        )
+
+    @staticmethod
+    def _fields_from(mapping: Mapping[str, Any]) -> dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(BackendConfig)}
+        out: dict[str, Any] = {}
+        for key, val in mapping.items():
+            field = _BACKEND_ALIASES.get(key, key)
+            if field not in names:
+                known = ", ".join(sorted(names))
+                raise ConfigError(f"Unknown backend config field {key!r}. Known fields: {known}.")
+            out[field] = val
+        return out
+
+    def resolved_max_concurrent_queries(self, *, is_async: bool) -> int:
+        """The per-replica concurrency limit in force (the legacy default when unset)."""
+        if self.max_concurrent_queries is not None:
+            return self.max_concurrent_queries
+        if is_async:
+            return 100
+        return 2 * self.max_batch_size if self.max_batch_size else 8
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class HTTPOptions:
+    """Where and how the HTTP server runs.
+
+    ``host=None`` or ``location`` ``"NoServer"``/None means no server of its own: mount ``asgi_app``
+    in another ASGI app instead. ``"HeadOnly"`` and ``"EveryNode"`` both mean one server here.
+    ``port=0`` picks a free port (read it back from ``Serve.http_port``).
+    """
+
+    host: str | None = "127.0.0.1"
+    port: int = 8000
+    location: Location | None = "HeadOnly"
+    middlewares: Sequence[Any] = ()
+    root_path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.host is not None and not isinstance(self.host, str):
+            raise ConfigTypeError(f"http_options host must be a str or None, got {self.host!r}.")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ConfigTypeError(f"http_options port must be an int, got {self.port!r}.")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"http_options port must be in 0..65535, got {self.port!r}.")
+        if self.location is not None and self.location not in _LOCATIONS:
+            raise ConfigError(
+                f"http_options location must be one of {', '.join(map(repr, _LOCATIONS))} or None, "
+                f"got {self.location!r}."
+            )
+        if isinstance(self.middlewares, str | bytes) or not isinstance(self.middlewares, Sequence):
+            raise ConfigTypeError(
+                f"http_options middlewares must be a list of Middleware, got {self.middlewares!r}."
+            )
+        if not isinstance(self.root_path, str) or (
+            self.root_path and not self.root_path.startswith("/")
+        ):
+            raise ConfigError(
+                f"http_options root_path must be '' or start with '/', got {self.root_path!r}."
+            )
+
+    @property
+    def serves(self) -> bool:
+        """Whether this instance runs an HTTP server of its own."""
+        return self.host is not None and self.location not in (None, "NoServer")
+
+    @classmethod
+    def coerce(cls, value: HTTPOptions | Mapping[str, Any] | None) -> HTTPOptions:
+        """Return validated options from an HTTPOptions, a dict of its fields, or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, HTTPOptions):
+            return value
+        if isinstance(value, Mapping):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ConfigError(
+                    f"Unknown http_options field(s) {', '.join(map(repr, unknown))}. "
+                    f"Known fields: {', '.join(sorted(names))}."
+                )
+            fields = dict(value)
+            if "middlewares" in fields and isinstance(fields["middlewares"], list):
+                fields["middlewares"] = tuple(fields["middlewares"])
+            return cls(**fields)
+        raise ConfigTypeError(
+            f"http_options must be an HTTPOptions or a dict, got {type(value).__name__}."
+        )

@@ -1,0 +1,119 @@
+"""The error tree of aioserve.
+
+Every error aioserve raises on purpose derives from :class:`ServeError`, and also from the builtin
+exception a caller would naturally catch: ``except KeyError`` and ``except ServeError`` both work::
+
+    ServeError (Exception)                      alias: RayServeException
+    ├── ConfigError (ValueError)                bad config value, unknown field, invalid argument
+    │   ├── RouteConflict (ValueError)          duplicate endpoint name or route
+    │   ├── BackendNotFound (ValueError)        no backend with that tag
+    │   └── BackendInUse (ValueError)           delete_backend while traffic or shadows use it
+    ├── ConfigTypeError (TypeError)             an argument of the wrong type
+    ├── EndpointNotFound (KeyError, ValueError) no endpoint with that name
+    ├── MethodNotFound (AttributeError)         no such public method on the backend; HTTP 404
+    ├── Overloaded (RuntimeError)               queue bound reached; HTTP 503
+    │   └── NoTraffic (RuntimeError)            endpoint has no backend linked yet; HTTP 503
+    ├── DeadlineExceeded (TimeoutError)         the request's deadline passed before it started; 504
+    ├── BatchError (RuntimeError)               a batch handler returned a wrong result
+    ├── BackendError (RuntimeError)             a constructor or reconfigure() raised
+    ├── ReplicaStopped (RuntimeError)           the replica serving the request was stopped (force)
+    ├── ServeShutdown (RuntimeError)            the instance has been shut down
+    └── BindError (OSError)                     the HTTP server could not bind its address
+
+This module imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendInUse",
+    "BackendNotFound",
+    "BatchError",
+    "BindError",
+    "ConfigError",
+    "ConfigTypeError",
+    "DeadlineExceeded",
+    "EndpointNotFound",
+    "MethodNotFound",
+    "NoTraffic",
+    "Overloaded",
+    "RayServeException",
+    "ReplicaStopped",
+    "RouteConflict",
+    "ServeError",
+    "ServeShutdown",
+]
+
+
+class ServeError(Exception):
+    """Base class of every error aioserve raises on purpose."""
+
+
+RayServeException = ServeError
+
+
+class ConfigError(ServeError, ValueError):
+    """A configuration value or an argument is invalid."""
+
+
+class ConfigTypeError(ServeError, TypeError):
+    """An argument has the wrong type."""
+
+
+class RouteConflict(ConfigError):
+    """An endpoint name or route is already taken."""
+
+
+class BackendNotFound(ConfigError):
+    """No backend has the given tag."""
+
+
+class BackendInUse(ConfigError):
+    """The backend still receives traffic or shadow copies from an endpoint."""
+
+
+class EndpointNotFound(ServeError, KeyError, ValueError):
+    """No endpoint has the given name (a KeyError for lookups, a ValueError for traffic changes)."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would show the repr of the message, quotes and all.
+        return str(self.args[0]) if self.args else ""
+
+
+class MethodNotFound(ServeError, AttributeError):
+    """The backend has no public method of that name."""
+
+
+class Overloaded(ServeError, RuntimeError):
+    """The request could not be admitted: the backend's queue is full. Retry later (HTTP 503)."""
+
+    retry_after_s: float = 1.0
+
+
+class NoTraffic(Overloaded):
+    """The endpoint has no backend to send the request to yet (HTTP 503)."""
+
+
+class DeadlineExceeded(ServeError, TimeoutError):
+    """The request's deadline passed before it could start (HTTP 504)."""
+
+
+class BatchError(ServeError, RuntimeError):
+    """A batch handler returned something other than a list of one result per request."""
+
+
+class BackendError(ServeError, RuntimeError):
+    """A backend's constructor or ``reconfigure`` raised; the original is the ``__cause__``."""
+
+
+class ReplicaStopped(ServeError, RuntimeError):
+    """The replica running the request was stopped before it finished."""
+
+
+class ServeShutdown(ServeError, RuntimeError):
+    """The aioserve instance has been shut down."""
+
+
+class BindError(ServeError, OSError):
+    """The HTTP server could not bind its host and port."""

@@ -1,0 +1,326 @@
+"""The HTTP front door: an ASGI app that routes to endpoints and turns results into responses.
+
+It is a thin edge in front of the same request path handles use (:meth:`Router.call_endpoint`):
+route matching (a dict for static paths, so the cost does not grow with the number of endpoints),
+result -> response conversion, and the one table that maps errors to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import decimal
+import enum
+import inspect
+import json
+import logging
+import pathlib
+import re
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from starlette.convertors import Convertor
+from starlette.datastructures import URL
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import compile_path
+from starlette.types import Receive, Scope, Send
+
+from .exceptions import (
+    DeadlineExceeded,
+    EndpointNotFound,
+    MethodNotFound,
+    Overloaded,
+    ReplicaStopped,
+    ServeShutdown,
+)
+from .handle import deadline_from
+from .request import web_var
+
+if TYPE_CHECKING:
+    from .router import Endpoint, Router
+
+__all__ = ["HTTPApp", "json_dumps", "to_response"]
+
+logger = logging.getLogger(__name__)
+
+_NO_KWARGS: dict[str, Any] = {}
+
+# The one status table of the HTTP edge; the first matching class wins.
+_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (DeadlineExceeded, 504),
+    (Overloaded, 503),
+    (ServeShutdown, 503),
+    (ReplicaStopped, 503),
+    (EndpointNotFound, 404),
+    (MethodNotFound, 404),
+)
+
+
+def _json_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    model_dump = getattr(obj, "model_dump", None)  # pydantic v2 models
+    if callable(model_dump):
+        return model_dump(mode="json")
+    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return tolist()
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    if isinstance(obj, datetime.date | datetime.time):
+        return obj.isoformat()
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, URL | uuid.UUID | decimal.Decimal | pathlib.PurePath):
+        return str(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def json_dumps(obj: Any) -> bytes:
+    """Encode a handler's result as compact UTF-8 JSON (numpy, dataclasses, pydantic included)."""
+    return json.dumps(
+        obj, default=_json_default, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def _chunk(item: Any) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    return json_dumps(item) + b"\n"
+
+
+async def _encode_async(items: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    async for item in items:
+        yield _chunk(item)
+
+
+def _encode_sync(items: Iterator[Any]) -> Iterator[bytes]:
+    for item in items:
+        yield _chunk(item)
+
+
+def to_response(result: Any) -> Response:
+    """Turn a handler's result into a response (see API.md §4 for the rules)."""
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, str):
+        return PlainTextResponse(result)
+    if isinstance(result, bytes | bytearray | memoryview):
+        return Response(bytes(result), media_type="application/octet-stream")
+    if result is None:
+        return Response(b"")
+    if inspect.isasyncgen(result):
+        return StreamingResponse(_encode_async(result), media_type="application/octet-stream")
+    if inspect.isgenerator(result):
+        return StreamingResponse(_encode_sync(result), media_type="application/octet-stream")
+    return Response(json_dumps(result), media_type="application/json")
+
+
+def route_path(scope: Scope) -> str:
+    """The path relative to where the app is mounted (``root_path`` removed)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+@dataclasses.dataclass(eq=False)
+class _Route:
+    endpoint: Endpoint
+    methods: frozenset[str]
+    regex: re.Pattern[str] | None = None
+    convertors: dict[str, Convertor[Any]] = dataclasses.field(default_factory=dict)
+
+
+def _plain(status: int, text: str, headers: Mapping[str, str] | None = None) -> Response:
+    return PlainTextResponse(text, status_code=status, headers=headers)
+
+
+SystemRoute = Callable[[Request], Awaitable[Response]]
+
+
+class HTTPApp:
+    """The ASGI app of one aioserve instance (``Serve.asgi_app`` wraps it in the middlewares)."""
+
+    def __init__(self, router: Router, *, debug: bool = False) -> None:
+        self._router = router
+        self.debug = debug
+        self.running = False
+        self._static: dict[str, _Route] = {}
+        self._dynamic: list[_Route] = []
+        self.system_routes: dict[str, SystemRoute] = {
+            "/-/routes": self._routes_json,
+            "/-/healthz": self._healthz,
+        }
+
+    def __repr__(self) -> str:
+        return f"<HTTPApp routes={len(self._static) + len(self._dynamic)}>"
+
+    # -- the route table ------------------------------------------------------------------------
+
+    def add_route(self, endpoint: Endpoint) -> None:
+        """Serve ``endpoint`` at its route (it must have one)."""
+        assert endpoint.route is not None  # callers only add endpoints with a route
+        methods = set(endpoint.methods)
+        if "GET" in methods:
+            methods.add("HEAD")
+        route = _Route(endpoint, frozenset(methods))
+        if "{" in endpoint.route:
+            regex, _, convertors = compile_path(endpoint.route)
+            route.regex, route.convertors = regex, convertors
+            self._dynamic.append(route)
+        else:
+            self._static[endpoint.route] = route
+
+    def remove_route(self, endpoint: Endpoint) -> None:
+        """Stop serving ``endpoint``."""
+        if endpoint.route is None:
+            return
+        self._static.pop(endpoint.route, None)
+        self._dynamic = [r for r in self._dynamic if r.endpoint is not endpoint]
+
+    def check_route(self, route: str) -> None:
+        """Raise ValueError if ``route`` is not a valid Starlette path."""
+        compile_path(route)
+
+    def _match(self, path: str) -> tuple[_Route | None, dict[str, Any] | None]:
+        route = self._static.get(path)
+        if route is not None:
+            return route, None
+        for route in self._dynamic:
+            assert route.regex is not None
+            m = route.regex.match(path)
+            if m is not None:
+                params = {k: route.convertors[k].convert(v) for k, v in m.groupdict().items()}
+                return route, params
+        return None, None
+
+    # -- ASGI -----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            # The instance's lifecycle is driven by ``async with Serve``; acknowledge only.
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif kind == "websocket":
+            await receive()
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        if path.startswith("/-/"):
+            system = self.system_routes.get(path)
+            response = (
+                await system(Request(scope, receive))
+                if system is not None
+                else _plain(404, f"No system route {path!r}. See GET /-/routes.")
+            )
+            await response(scope, receive, send)
+            return
+        if not self.running:
+            await _plain(503, "This aioserve instance is not running.")(scope, receive, send)
+            return
+        route, params = self._match(path)
+        if route is None:
+            await _plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")(
+                scope, receive, send
+            )
+            return
+        if scope["method"] not in route.methods:
+            allow = ", ".join(sorted(route.methods))
+            response = _plain(
+                405,
+                f"Method {scope['method']} is not allowed at {path!r} (endpoint "
+                f"{route.endpoint.name!r} takes {allow}). See GET /-/routes.",
+                {"Allow": allow},
+            )
+            await response(scope, receive, send)
+            return
+        if params is not None:
+            scope["path_params"] = params
+        method_name = shard_key = None
+        for key, value in scope["headers"]:
+            if key.startswith(b"x-serve-"):
+                if key == b"x-serve-call-method":
+                    method_name = value.decode("latin-1")
+                elif key == b"x-serve-shard-key":
+                    shard_key = value.decode("latin-1")
+        deadline = None
+        query = scope.get("query_string", b"")
+        if query and b"slo_ms" in query:
+            deadline = _deadline_from_query(query)
+        web_var.set(True)
+        try:
+            result = await self._router.call_endpoint(
+                route.endpoint,
+                method_name,
+                (Request(scope, receive, send),),
+                _NO_KWARGS,
+                shard_key,
+                deadline,
+            )
+            response = to_response(result)
+        except Exception as exc:
+            response = self.error_response(exc)
+        await response(scope, receive, send)
+
+    def error_response(self, exc: Exception) -> Response:
+        """The response for an error raised while serving a request."""
+        if isinstance(exc, HTTPException):
+            return _plain(exc.status_code, str(exc.detail), exc.headers)
+        for cls, status in _STATUS:
+            if isinstance(exc, cls):
+                headers = {"Retry-After": "1"} if status == 503 else None
+                logger.debug("Request failed with %d: %r", status, exc)
+                return _plain(status, f"{type(exc).__name__}: {exc}", headers)
+        logger.error("Request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        text = f"{type(exc).__name__}: {exc}"
+        if self.debug:
+            text += "\n\n" + "".join(traceback.format_exception(exc))
+        return _plain(500, text)
+
+    # -- system routes --------------------------------------------------------------------------
+
+    async def _routes_json(self, request: Request) -> Response:
+        table: dict[str, list[Any]] = {}
+        for endpoint in self._router.endpoints.values():
+            key = endpoint.route if endpoint.route is not None else endpoint.name
+            table[key] = [endpoint.name, list(endpoint.methods)]
+        return JSONResponse(table)
+
+    async def _healthz(self, request: Request) -> Response:
+        if not self.running:
+            return _plain(503, "not running")
+        return _plain(200, "success")
+
+
+def _deadline_from_query(query: bytes) -> float | None:
+    relative = absolute = None
+    for key, value in parse_qsl(query.decode("latin-1")):
+        try:
+            if key == "relative_slo_ms":
+                relative = float(value)
+            elif key == "absolute_slo_ms":
+                absolute = float(value)
+        except ValueError:
+            continue
+    if relative is None and absolute is None:
+        return None
+    return deadline_from(asyncio.get_running_loop(), relative, absolute)

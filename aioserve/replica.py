@@ -1,0 +1,464 @@
+"""Replicas: one instance of a backend's callable and the rules for calling it.
+
+:class:`UserCallable` analyses what the user gave ``create_backend`` once per backend (function or
+class, sync or async, batching or not, how each call shape binds to the signature); :class:`Replica`
+is one running instance of it. Async user code runs in the caller's own task; sync user code runs on
+the replica's own thread (one call at a time, like an actor), never on the event loop.
+
+A replica does not choose what it runs: its backend takes a slot (``in_flight += 1``) and hands it
+to :meth:`Replica.call`, which gives it back through the backend's ``release`` callback when the
+work is really over (for a sync call that was cancelled, only once its thread has finished).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import enum
+import functools
+import importlib
+import inspect
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._concurrency import ReplicaThread
+from .batching import BatchQueue, accepts_batches, queue_owner
+from .exceptions import (
+    BackendError,
+    ConfigError,
+    ConfigTypeError,
+    MethodNotFound,
+    ReplicaStopped,
+    ServeError,
+)
+from .request import PythonRequest
+
+__all__ = [
+    "Replica",
+    "ReplicaContext",
+    "ReplicaState",
+    "UserCallable",
+    "get_replica_context",
+    "import_attr",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaState(enum.Enum):
+    """Lifecycle of a replica (and of a backend)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaContext:
+    """What user code can learn about the replica it runs in (``serve.get_replica_context()``)."""
+
+    backend_tag: str
+    replica_tag: str
+    servable_object: Any = dataclasses.field(default=None, compare=False, repr=False)
+    # The aioserve instance the replica belongs to (used by ``serve.connect()`` inside a backend).
+    instance: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+
+replica_var: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
+    "aioserve_replica", default=None
+)
+
+
+def get_replica_context() -> ReplicaContext:
+    """The context of the replica running the current call; raises outside of one."""
+    ctx = replica_var.get()
+    if ctx is None:
+        raise ServeError(
+            "get_replica_context() was called outside of a backend replica; "
+            "it only works inside a backend's constructor, handler or reconfigure()."
+        )
+    return ctx
+
+
+def import_attr(path: str) -> Any:
+    """Import ``"package.module:Name"`` or ``"package.module.Name"`` and return the object."""
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"Import path must be a non-empty string, got {path!r}.")
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    else:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(
+            f"Import path {path!r} must look like 'package.module:Name' or 'package.module.Name'."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"Cannot import module {module_name!r} of {path!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"Module {module_name!r} has no attribute {attr!r}.") from None
+    return obj
+
+
+class _Kind(enum.Enum):
+    SYNC = "sync"
+    ASYNC = "async"
+    ASYNC_GEN = "async generator"
+
+
+def _kind_of(fn: Callable[..., Any]) -> _Kind:
+    if inspect.isasyncgenfunction(fn):
+        return _Kind.ASYNC_GEN
+    if inspect.iscoroutinefunction(fn):
+        return _Kind.ASYNC
+    return _Kind.SYNC
+
+
+class _Mode(enum.IntEnum):
+    AS_GIVEN = 0  # call with exactly the handle's arguments
+    REQUEST_FIRST = 1  # 0.8 style: a request object, then the arguments
+    REQUEST_ONLY = 2  # 1.x style: only a request, built from the arguments
+
+
+_PLACEHOLDER = object()
+
+
+class UserCallable:
+    """A backend's function or class, analysed once and shared by all its replicas."""
+
+    def __init__(self, target: Any, init_args: tuple[Any, ...] = ()) -> None:
+        if isinstance(target, str):
+            target = import_attr(target)
+        if inspect.isclass(target):
+            self.is_class = True
+            call = getattr(target, "__call__", None)  # noqa: B004
+            # A class without __call__ is allowed: it is reached through method names only.
+            self.kind = _kind_of(call) if call is not None else _Kind.SYNC
+        elif callable(target):
+            if not (inspect.isroutine(target) or isinstance(target, functools.partial)):
+                cls = type(target).__name__
+                raise ConfigTypeError(
+                    f"create_backend takes a function, a class or an import path, got an "
+                    f"instance of {cls}. Pass the class itself and its constructor arguments "
+                    f"instead: create_backend(tag, {cls}, *init_args)."
+                )
+            if init_args:
+                raise ConfigTypeError(
+                    f"Constructor arguments {init_args!r} were given with the function "
+                    f"{getattr(target, '__name__', target)!r}; they only apply to a class."
+                )
+            self.is_class = False
+            self.kind = _kind_of(target)
+        else:
+            raise ConfigTypeError(
+                f"create_backend takes a function, a class or an import path string, got "
+                f"{target!r} of type {type(target).__name__}."
+            )
+        self.target = target
+        self.init_args = init_args
+        self.name = getattr(target, "__qualname__", repr(target))
+        self.accepts_batches = accepts_batches(target) or (
+            self.is_class and accepts_batches(getattr(target, "__call__", None))  # noqa: B004
+        )
+        self.has_reconfigure = self.is_class and callable(getattr(target, "reconfigure", None))
+        self.uses_batch_decorator = _uses_batch_decorator(target)
+        self._modes: dict[tuple[Any, ...], _Mode] = {}
+        self._method_batches: dict[str | None, bool] = {}
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the main entry point (the function, or the class's ``__call__``) is async."""
+        return self.kind is not _Kind.SYNC
+
+    def method_accepts_batches(self, method: str | None) -> bool:
+        """Whether calls to ``method`` (None: the default entry point) take lists."""
+        cached = self._method_batches.get(method)
+        if cached is None:
+            if not self.is_class or method in (None, "__call__"):
+                cached = self.accepts_batches
+            else:
+                cached = accepts_batches(self.target) or accepts_batches(
+                    getattr(self.target, method, None)
+                )
+            self._method_batches[method] = cached
+        return cached
+
+    def construct(self) -> Any:
+        """Build one instance (runs on a replica thread, never on the loop)."""
+        if not self.is_class:
+            return self.target
+        return self.target(*self.init_args)
+
+    def mode_for(
+        self,
+        key: tuple[Any, ...],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kw: Mapping[str, Any],
+    ) -> _Mode:
+        """How a call of this shape binds to ``fn``; decided once per shape, then cached."""
+        mode = self._modes.get(key)
+        if mode is None:
+            mode = self._modes[key] = _decide_mode(fn, args, kw)
+        return mode
+
+    def __repr__(self) -> str:
+        what = "class" if self.is_class else "function"
+        return f"<UserCallable {what} {self.name} {self.kind.value}>"
+
+
+def _uses_batch_decorator(target: Any) -> bool:
+    if hasattr(target, "__serve_batch_params__"):
+        return True
+    if inspect.isclass(target):
+        return any(
+            hasattr(getattr(target, name, None), "__serve_batch_params__") for name in dir(target)
+        )
+    return False
+
+
+def _decide_mode(fn: Callable[..., Any], args: tuple[Any, ...], kw: Mapping[str, Any]) -> _Mode:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: call as given
+        return _Mode.AS_GIVEN
+    for mode, leading in ((_Mode.AS_GIVEN, ()), (_Mode.REQUEST_FIRST, (_PLACEHOLDER,))):
+        try:
+            sig.bind(*leading, *args, **kw)
+        except TypeError:
+            continue
+        return mode
+    if len(args) <= 1:
+        try:
+            sig.bind(_PLACEHOLDER)
+        except TypeError:
+            pass
+        else:
+            return _Mode.REQUEST_ONLY
+    name = getattr(fn, "__qualname__", repr(fn))
+    raise ConfigTypeError(
+        f"{name}{sig} cannot be called with {len(args)} positional argument(s) and keyword "
+        f"argument(s) {sorted(kw)!r}, nor with a request object in front of them."
+    )
+
+
+def _adapt(
+    mode: _Mode, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if mode is _Mode.REQUEST_FIRST:
+        return (PythonRequest(None, kwargs), *args), kwargs
+    return (PythonRequest(args[0] if args else None, kwargs),), {}
+
+
+class Replica:
+    """One running instance of a backend's callable, with its concurrency limit."""
+
+    def __init__(
+        self,
+        backend_tag: str,
+        user_callable: UserCallable,
+        *,
+        max_concurrent_queries: int,
+        release: Callable[[Replica], None],
+        instance: Any = None,
+    ) -> None:
+        self.backend_tag = backend_tag
+        self.replica_tag = f"{backend_tag}#{secrets.token_hex(3)}"
+        self.callable = user_callable
+        self.max_concurrent_queries = max_concurrent_queries
+        self.in_flight = 0
+        self.state = ReplicaState.STARTING
+        self.idle = asyncio.Event()
+        self._release = release
+        self._instance_of_serve = instance
+        self._thread = ReplicaThread(f"aioserve-{self.replica_tag}")
+        self._obj: Any = None
+        self._methods: dict[str | None, tuple[Callable[..., Any], _Kind]] = {}
+        self._running: set[asyncio.Task[Any]] = set()
+        self._batch_queues: list[BatchQueue[Any, Any]] = []
+        self._killed = False
+        self.context = ReplicaContext(backend_tag, self.replica_tag, None, instance)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Replica {self.replica_tag} {self.state.value} in_flight={self.in_flight}"
+            f"/{self.max_concurrent_queries}>"
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, user_config: Any = None) -> None:
+        """Construct the instance on the replica's thread, then apply ``user_config``."""
+        ctx = contextvars.copy_context()
+        ctx.run(replica_var.set, self.context)
+        try:
+            self._obj = await asyncio.wrap_future(self._thread.submit(ctx, self.callable.construct))
+        except Exception as exc:
+            raise BackendError(
+                f"The constructor of backend {self.backend_tag!r} ({self.callable.name}) raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self.context = dataclasses.replace(self.context, servable_object=self._obj)
+        if user_config is not None:
+            await self.reconfigure(user_config)
+        self.state = ReplicaState.RUNNING
+
+    async def reconfigure(self, user_config: Any) -> None:
+        """Call the instance's ``reconfigure(user_config)`` (on its thread if it is sync)."""
+        method = getattr(self._obj, "reconfigure", None)
+        if method is None:
+            raise ConfigError(
+                f"Backend {self.backend_tag!r} was given a user_config, but "
+                f"{self.callable.name} has no reconfigure(user_config) method."
+            )
+        token = replica_var.set(self.context)
+        try:
+            if _kind_of(method) is _Kind.SYNC:
+                await self._thread.run(method, user_config)
+            else:
+                await method(user_config)
+        except Exception as exc:
+            raise BackendError(
+                f"reconfigure() of backend {self.backend_tag!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            replica_var.reset(token)
+
+    def kill(self) -> None:
+        """Cancel the async calls running now; they fail with :class:`ReplicaStopped`."""
+        self._killed = True
+        for task in list(self._running):
+            task.cancel()
+
+    async def aclose(self) -> None:
+        """Stop: close the batch queues user code made, drop queued thread calls. Idempotent."""
+        if self.state is ReplicaState.STOPPED:
+            return
+        self.state = ReplicaState.STOPPED
+        queues, self._batch_queues = self._batch_queues, []
+        for queue in queues:
+            await queue.aclose()
+        self._thread.shutdown()
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def _resolve(self, method: str | None) -> tuple[Callable[..., Any], _Kind]:
+        entry = self._methods.get(method)
+        if entry is not None:
+            return entry
+        if not self.callable.is_class:
+            if method not in (None, "__call__"):
+                raise MethodNotFound(
+                    f"Backend {self.backend_tag!r} is the function {self.callable.name}; "
+                    f"it has no method {method!r}."
+                )
+            fn = self._obj
+        else:
+            name = method or "__call__"
+            if name.startswith("_") and name != "__call__":
+                raise MethodNotFound(
+                    f"Method {name!r} of backend {self.backend_tag!r} is private and cannot "
+                    "be called."
+                )
+            fn = getattr(self._obj, name, None)
+            if fn is None or not callable(fn):
+                public = sorted(
+                    n
+                    for n in dir(self._obj)
+                    if not n.startswith("_") and callable(getattr(self._obj, n, None))
+                )
+                raise MethodNotFound(
+                    f"Backend {self.backend_tag!r} ({self.callable.name}) has no method "
+                    f"{name!r}. Its public methods: {', '.join(public) or 'none'}."
+                )
+        entry = self._methods[method] = (fn, _kind_of(fn))
+        return entry
+
+    def _owning(self, queue: BatchQueue[Any, Any]) -> None:
+        self._batch_queues.append(queue)
+
+    async def call(self, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one call on this replica. The caller holds one of its slots; this gives it back."""
+        try:
+            fn, kind = self._resolve(method)
+            key = (method, len(args), tuple(kwargs)) if kwargs else (method, len(args))
+            mode = self.callable.mode_for(key, fn, args, kwargs)
+            if mode:
+                args, kwargs = _adapt(mode, args, kwargs)
+        except BaseException:
+            self._release(self)
+            raise
+        if kind is _Kind.SYNC:
+            return await self._call_sync(fn, args, kwargs)
+        task = asyncio.current_task()
+        assert task is not None  # always called from a task: we are in a coroutine
+        self._running.add(task)
+        token = replica_var.set(self.context)
+        owner_token = queue_owner.set(self._owning) if self.callable.uses_batch_decorator else None
+        try:
+            if kind is _Kind.ASYNC:
+                return await fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            if self._killed and task.uncancel() == 0:
+                raise ReplicaStopped(
+                    f"Replica {self.replica_tag} was stopped while serving the request."
+                ) from None
+            raise
+        finally:
+            if owner_token is not None:
+                queue_owner.reset(owner_token)
+            replica_var.reset(token)
+            self._running.discard(task)
+            self._release(self)
+
+    async def _call_sync(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        ctx = contextvars.copy_context()
+        ctx.run(replica_var.set, self.context)
+        future = self._thread.submit(ctx, fn, *args, **kwargs)
+        release_later = False
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if future.cancelled() and self._killed:
+                raise ReplicaStopped(
+                    f"Replica {self.replica_tag} was stopped before it ran the request."
+                ) from None
+            if not future.done():
+                # The thread may be running it: the slot stays taken until the thread is done.
+                release_later = True
+                loop = asyncio.get_running_loop()
+                future.add_done_callback(lambda _: _call_soon(loop, self._release, self))
+            raise
+        finally:
+            if not release_later:
+                self._release(self)
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot for list_backends and metrics."""
+        return {
+            "replica_tag": self.replica_tag,
+            "state": self.state.value,
+            "in_flight": self.in_flight,
+            "max_concurrent_queries": self.max_concurrent_queries,
+        }
+
+
+def _call_soon(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[Replica], None], arg: Replica
+) -> None:
+    # A closed loop has nothing left to release the slot to.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, arg)

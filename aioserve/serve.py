@@ -1,0 +1,457 @@
+"""``Serve``: the async core. It composes router, backends and HTTP app, and runs uvicorn.
+
+Mutating calls are coroutines and run one at a time (a control-plane lock); reads are plain calls.
+Every mutating call validates everything first, so a call that raises changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import socket
+from collections.abc import Generator, Iterable, Mapping
+from typing import Any
+
+import uvicorn
+
+from ._concurrency import TaskOwner
+from .backend import Backend
+from .config import BackendConfig, HTTPOptions
+from .exceptions import (
+    BackendInUse,
+    BackendNotFound,
+    BindError,
+    ConfigError,
+    ConfigTypeError,
+    RouteConflict,
+    ServeError,
+    ServeShutdown,
+)
+from .handle import HandleOptions, ServeHandle
+from .http import HTTPApp
+from .policy import RoutePolicy, TrafficTable, make_chooser, validate_shadow_proportion
+from .policy import validate_traffic as _validate_traffic
+from .replica import UserCallable
+from .router import Endpoint, Router
+
+__all__ = ["Serve", "ServeState"]
+
+logger = logging.getLogger(__name__)
+
+
+class ServeState(enum.Enum):
+    """Lifecycle of an instance."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Serve:
+    """An aioserve instance: backends, endpoints, a router, an ASGI app and (optionally) a server.
+
+    Use it as an async context manager::
+
+        async with Serve(http_options={"port": 8000}) as s:
+            await s.create_backend("echo", echo)
+            await s.create_endpoint("echo", backend="echo", route="/echo")
+    """
+
+    def __init__(
+        self,
+        http_options: HTTPOptions | Mapping[str, Any] | None = None,
+        *,
+        queueing_policy: RoutePolicy | str = RoutePolicy.Random,
+        policy_kwargs: Mapping[str, object] | None = None,
+        debug: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        self.http_options = HTTPOptions.coerce(http_options)
+        policy = RoutePolicy.parse(queueing_policy)
+        rng = random.Random(seed)
+        # Validate the policy's arguments now rather than at the first set_traffic.
+        make_chooser(policy, TrafficTable({"_": 1.0}), rng=rng, policy_kwargs=policy_kwargs)
+        self._backends: dict[str, Backend] = {}
+        self._router = Router(self._backends, policy=policy, policy_kwargs=policy_kwargs, rng=rng)
+        self._http = HTTPApp(self._router, debug=debug)
+        self.asgi_app: Any = self._http
+        for middleware in reversed(self.http_options.middlewares):
+            cls, args, kwargs = middleware
+            self.asgi_app = cls(self.asgi_app, *args, **kwargs)
+        self.state = ServeState.STARTING
+        self.http_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
+        self._handles = TaskOwner("handle calls")
+        self._background = TaskOwner("aioserve server")
+        self._server: _Server | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        where = self.url or "no server"
+        return (
+            f"<Serve {self.state.value} {where} backends={len(self._backends)} "
+            f"endpoints={len(self._router.endpoints)}>"
+        )
+
+    @property
+    def url(self) -> str | None:
+        """The base URL of this instance's own HTTP server, or None without one."""
+        if self.http_port is None or self.http_options.host is None:
+            return None
+        host = self.http_options.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}{self.http_options.root_path}"
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this instance runs on (set by start)."""
+        if self._loop is None:
+            raise ServeError("This aioserve instance has not been started yet.")
+        return self._loop
+
+    @property
+    def router(self) -> Router:
+        """The router (endpoint table and traffic)."""
+        return self._router
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Serve:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the instance on the running loop (and its HTTP server, unless NoServer)."""
+        if self.state is ServeState.RUNNING:
+            return
+        if self.state is not ServeState.STARTING:
+            raise ServeShutdown("This aioserve instance has been shut down; make a new one.")
+        self._loop = asyncio.get_running_loop()
+        if self.http_options.serves:
+            await self._start_server()
+        self.state = ServeState.RUNNING
+        self._http.running = True
+
+    async def _start_server(self) -> None:
+        opts = self.http_options
+        assert opts.host is not None  # serves is False without a host
+        family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((opts.host, opts.port))
+        except OSError as exc:
+            sock.close()
+            raise BindError(
+                f"The HTTP server cannot bind {opts.host}:{opts.port}: {exc.strerror or exc}. "
+                f"Pick another port (port=0 picks a free one) or stop what uses it."
+            ) from exc
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.asgi_app,
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            root_path=opts.root_path,
+            timeout_graceful_shutdown=5,
+        )
+        server = _Server(config)
+        self._server = server
+        task = self._background.spawn(server.serve(sockets=[sock]), name="aioserve uvicorn")
+        self._server_task = task
+        ready = asyncio.ensure_future(server.ready.wait())
+        try:
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not server.ready.is_set():
+            sock.close()
+            error = task.exception() if task.done() and not task.cancelled() else None
+            raise ServeError(f"The HTTP server failed to start: {error!r}") from error
+
+    async def aclose(self) -> None:
+        """Shut down: stop the server, drain the backends, cancel what is left. Idempotent."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+            return
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            self.state = ServeState.DRAINING
+            if self._server is not None:
+                self._server.should_exit = True
+                if self._server_task is not None:
+                    await asyncio.gather(self._server_task, return_exceptions=True)
+            self._http.running = False
+            await asyncio.gather(*(b.aclose() for b in list(self._backends.values())))
+            await self._handles.aclose()
+            await self._router.aclose()
+            await self._background.aclose()
+        finally:
+            self.state = ServeState.STOPPED
+            self._closed.set_result(None)
+
+    def _check_running(self) -> None:
+        if self.state is not ServeState.RUNNING:
+            if self.state is ServeState.STARTING:
+                raise ServeError(
+                    "This aioserve instance is not started; use 'async with Serve(...)' or "
+                    "'await serve.start()' first."
+                )
+            raise ServeShutdown("This aioserve instance has been shut down.")
+
+    # -- backends -------------------------------------------------------------------------------
+
+    async def create_backend(
+        self,
+        backend_tag: Any,
+        func_or_class: Any = None,
+        *init_args: Any,
+        config: BackendConfig | Mapping[str, Any] | None = None,
+        ray_actor_options: Mapping[str, Any] | None = None,
+        backend_config: BackendConfig | Mapping[str, Any] | None = None,
+    ) -> None:
+        """Create a backend from a function, a class (with ``init_args``) or an import path.
+
+        The 0.8 order ``create_backend(func, "tag", *init_args)`` is accepted too.
+        ``ray_actor_options`` is accepted for compatibility and has no effect in one process.
+        """
+        if not isinstance(backend_tag, str) and isinstance(func_or_class, str):
+            backend_tag, func_or_class = func_or_class, backend_tag
+        if not isinstance(backend_tag, str) or not backend_tag:
+            raise ConfigTypeError(f"backend_tag must be a non-empty str, got {backend_tag!r}.")
+        if func_or_class is None:
+            raise ConfigTypeError(
+                f"create_backend({backend_tag!r}) needs a function, a class or an import path."
+            )
+        if config is not None and backend_config is not None:
+            raise ConfigError("Pass either config or backend_config, not both.")
+        if ray_actor_options is not None and not isinstance(ray_actor_options, Mapping):
+            raise ConfigTypeError(
+                f"ray_actor_options must be a dict, got {type(ray_actor_options).__name__}."
+            )
+        cfg = BackendConfig.coerce(config if config is not None else backend_config)
+        user_callable = UserCallable(func_or_class, tuple(init_args))
+        async with self._lock:
+            self._check_running()
+            if backend_tag in self._backends:
+                raise ConfigError(
+                    f"Backend {backend_tag!r} already exists. Delete it first or pick another tag."
+                )
+            backend = Backend(backend_tag, user_callable, cfg, instance=self)
+            await backend.start()
+            self._backends[backend_tag] = backend
+
+    def _backend(self, tag: str) -> Backend:
+        backend = self._backends.get(tag)
+        if backend is None:
+            known = ", ".join(repr(t) for t in sorted(self._backends)) or "none"
+            raise BackendNotFound(f"No backend tagged {tag!r}. Known backends: {known}.")
+        return backend
+
+    def list_backends(self) -> dict[str, dict[str, Any]]:
+        """``{tag: {"accepts_batches", "num_replicas", "max_batch_size", ...config}}``."""
+        return {tag: backend.info() for tag, backend in self._backends.items()}
+
+    def get_backend_config(self, backend_tag: str) -> BackendConfig:
+        """A copy of the backend's config (``max_concurrent_queries`` resolved)."""
+        return self._backend(backend_tag).resolved_config()
+
+    async def update_backend_config(
+        self, backend_tag: str, config_options: BackendConfig | Mapping[str, Any]
+    ) -> None:
+        """Change a live backend's config; returns once the change is in force.
+
+        A dict changes only the fields it names; a BackendConfig replaces the whole config.
+        """
+        async with self._lock:
+            self._check_running()
+            backend = self._backend(backend_tag)
+            new = backend.config.updated(config_options)
+            if isinstance(config_options, BackendConfig):
+                reconfigure = config_options.user_config is not None
+            else:
+                reconfigure = "user_config" in config_options
+            await backend.update(new, reconfigure=reconfigure)
+
+    set_backend_config = update_backend_config
+
+    async def delete_backend(self, backend_tag: str, force: bool = False) -> None:
+        """Delete a backend no endpoint uses: drain its work (or cancel it, with ``force``)."""
+        async with self._lock:
+            self._check_running()
+            backend = self._backends.get(backend_tag)
+            if backend is None:
+                return
+            users = self._router.users_of(backend_tag)
+            if users:
+                raise BackendInUse(
+                    f"Backend {backend_tag!r} cannot be deleted: endpoint(s) "
+                    f"{', '.join(map(repr, users))} send traffic or shadow copies to it. "
+                    f"Change their traffic or delete them first."
+                )
+            del self._backends[backend_tag]
+        await backend.aclose(force=force)
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    async def create_endpoint(
+        self,
+        endpoint_name: Any,
+        backend: Any = None,
+        *,
+        route: Any = None,
+        methods: Iterable[str] | str = ("GET",),
+    ) -> None:
+        """Create an endpoint; with ``backend`` it gets all traffic, with ``route`` it is on HTTP.
+
+        The legacy form ``create_endpoint(name, "/route")`` (a second argument starting with "/")
+        sets the route.
+        """
+        if not isinstance(endpoint_name, str) or not endpoint_name:
+            raise ConfigTypeError(f"endpoint_name must be a non-empty str, got {endpoint_name!r}.")
+        if isinstance(backend, str) and backend.startswith("/") and route is None:
+            backend, route = None, backend
+        if backend is not None and not isinstance(backend, str):
+            raise ConfigTypeError(
+                f"backend must be a backend tag (str) or None, got {type(backend).__name__}."
+            )
+        if route is not None and (not isinstance(route, str) or not route.startswith("/")):
+            raise ConfigTypeError(f"route must be None or a str starting with '/', got {route!r}.")
+        if route is not None:
+            try:
+                self._http.check_route(route)
+            except (AssertionError, ValueError) as exc:
+                raise ConfigError(f"Route {route!r} is not a valid path: {exc}") from None
+        clean_methods = _methods(methods)
+        async with self._lock:
+            self._check_running()
+            if endpoint_name in self._router.endpoints:
+                raise RouteConflict(f"Endpoint {endpoint_name!r} already exists.")
+            if route is not None:
+                for other in self._router.endpoints.values():
+                    if other.route == route:
+                        raise RouteConflict(
+                            f"Route {route!r} is already served by endpoint {other.name!r}."
+                        )
+            if backend is not None:
+                self._backend(backend)
+            endpoint = Endpoint(endpoint_name, route, clean_methods)
+            if backend is not None:
+                self._router.set_traffic(endpoint, {backend: 1.0})
+            self._router.add_endpoint(endpoint)
+            if route is not None:
+                self._http.add_route(endpoint)
+
+    def list_endpoints(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"route", "methods", "traffic", "shadows"}}``."""
+        return {name: ep.info() for name, ep in self._router.endpoints.items()}
+
+    async def delete_endpoint(self, endpoint: str) -> None:
+        """Delete an endpoint (a missing one is a no-op); its backends stay."""
+        async with self._lock:
+            self._check_running()
+            removed = self._router.remove_endpoint(endpoint)
+            if removed is not None:
+                self._http.remove_route(removed)
+
+    def _endpoint(self, name: str) -> Endpoint:
+        endpoint = self._router.endpoints.get(name)
+        if endpoint is None:
+            raise self._router.not_found(name)
+        return endpoint
+
+    async def set_traffic(self, endpoint_name: str, traffic_policy_dictionary: Any) -> None:
+        """Split an endpoint's traffic over backends by weight (weights sum to 1)."""
+        async with self._lock:
+            self._check_running()
+            endpoint = self._endpoint(endpoint_name)
+            traffic = _validate_traffic(traffic_policy_dictionary, self._backends)
+            self._router.set_traffic(endpoint, traffic)
+
+    split = set_traffic
+
+    async def link(self, endpoint_name: str, backend_tag: str) -> None:
+        """Send all of an endpoint's traffic to one backend (``set_traffic(name, {tag: 1})``)."""
+        await self.set_traffic(endpoint_name, {backend_tag: 1.0})
+
+    async def shadow_traffic(self, endpoint_name: str, backend_tag: str, proportion: Any) -> None:
+        """Copy ``proportion`` of an endpoint's requests to a backend; 0 removes the shadow."""
+        async with self._lock:
+            self._check_running()
+            endpoint = self._endpoint(endpoint_name)
+            self._backend(backend_tag)
+            value = validate_shadow_proportion(proportion)
+            shadows = dict(endpoint.shadows)
+            if value == 0:
+                shadows.pop(backend_tag, None)
+            else:
+                shadows[backend_tag] = value
+            # Replace, never mutate: the request path iterates the dict without a lock.
+            endpoint.shadows = shadows
+
+    # -- handles --------------------------------------------------------------------------------
+
+    def get_handle(
+        self,
+        endpoint_name: str,
+        missing_ok: bool = False,
+        *,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        method_name: str | None = None,
+        shard_key: str | None = None,
+    ) -> ServeHandle:
+        """An async handle to an endpoint (``KeyError`` if unknown, unless ``missing_ok``)."""
+        self._check_running()
+        if not missing_ok and endpoint_name not in self._router.endpoints:
+            raise self._router.not_found(endpoint_name)
+        options = HandleOptions(
+            method_name=method_name,
+            shard_key=shard_key,
+            relative_slo_ms=relative_slo_ms,
+            absolute_slo_ms=absolute_slo_ms,
+            missing_ok=missing_ok,
+        )
+        return ServeHandle(
+            self._router, endpoint_name, loop=self.loop, owner=self._handles, options=options
+        )
+
+
+def _methods(methods: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(methods, str):
+        methods = [methods]
+    try:
+        items = list(methods)
+    except TypeError:
+        raise ConfigTypeError(f"methods must be a list of str, got {methods!r}.") from None
+    if not items or not all(isinstance(m, str) and m for m in items):
+        raise ConfigTypeError(f"methods must be a non-empty list of str, got {methods!r}.")
+    return tuple(dict.fromkeys(m.upper() for m in items))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without signal capture (the host program owns signals) and with a ready event."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.ready.set()
