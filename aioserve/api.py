@@ -101,6 +101,7 @@ def connect() -> Client:
     """The running instance: inside a backend, the one it runs in; else the current one."""
     ctx = replica_var.get()
     with _lock:
+        _clients[:] = [c for c in _clients if c.running]
         if ctx is not None:
             for client in _clients:
                 if client.serve is ctx.instance:
