@@ -48,6 +48,11 @@ class TaskOwner:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` has been called."""
+        return self._closed
+
     def __repr__(self) -> str:
         return f"<TaskOwner {self.name!r} tasks={len(self._tasks)} closed={self._closed}>"
 

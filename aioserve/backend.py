@@ -155,20 +155,35 @@ class Backend:
     async def update(self, new: BackendConfig, *, reconfigure: bool) -> None:
         """Apply a validated config to the live backend; returns once it is in force."""
         validate_backend_config(self.tag, self.callable, new)
+        old = self.config
         added: list[Replica] = []
         grow = new.num_replicas - len(self.replicas)
         if grow > 0:
-            old_config, self.config = self.config, new
+            self.config = new  # new replicas take their slot limit from it
             try:
                 added = [self._new_replica() for _ in range(grow)]
                 await self._start_replicas(added, new.user_config)
             except BaseException:
-                self.config = old_config
+                self.config = old
                 raise
+        if reconfigure and new.user_config is not None:
+            results = await asyncio.gather(
+                *(r.reconfigure(new.user_config) for r in self.replicas), return_exceptions=True
+            )
+            errors = [e for e in results if isinstance(e, BaseException)]
+            if errors:
+                # Nothing changes: undo the new replicas and put the old user_config back.
+                self.config = old
+                await asyncio.gather(*(r.aclose() for r in added))
+                changed = [r for r, e in zip(self.replicas, results, strict=True) if e is None]
+                if old.user_config is not None:
+                    await asyncio.gather(
+                        *(r.reconfigure(old.user_config) for r in changed),
+                        return_exceptions=True,
+                    )
+                raise errors[0]
         self.config = new
         limit = self._slot_limit()
-        if reconfigure and new.user_config is not None:
-            await asyncio.gather(*(r.reconfigure(new.user_config) for r in self.replicas))
         replicas = self.replicas + added
         for replica in replicas:
             replica.max_concurrent_queries = limit

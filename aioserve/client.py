@@ -88,6 +88,12 @@ class SyncServeHandle:
 
     def remote(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Send a request; ``.result()`` on the returned future waits for its result."""
+        if self._handle.on_own_loop():
+            raise ServeError(
+                "A sync handle was used on the instance's own event loop thread (from an async "
+                "backend?); waiting on its result there would deadlock. Use an async handle: "
+                "serve.get_handle(name, sync=False), then await handle.remote(...)."
+            )
         return self._handle.remote_threadsafe(*args, **kwargs)
 
     def options(self, **options: Any) -> SyncServeHandle:

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._concurrency import TaskOwner, spawn_threadsafe
-from .exceptions import ConfigError, ConfigTypeError, ServeError
+from .exceptions import ConfigError, ConfigTypeError, ServeError, ServeShutdown
 from .request import web_var
 
 if TYPE_CHECKING:
@@ -162,15 +162,23 @@ class ServeHandle:
         deadline = None
         if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:
             deadline = deadline_from(self._loop, opts.relative_slo_ms, opts.absolute_slo_ms)
-        return await self._router.call(
-            self._endpoint,
-            opts.method_name,
-            args,
-            kwargs,
-            opts.shard_key,
-            deadline,
-            opts.missing_ok,
-        )
+        try:
+            return await self._router.call(
+                self._endpoint,
+                opts.method_name,
+                args,
+                kwargs,
+                opts.shard_key,
+                deadline,
+                opts.missing_ok,
+            )
+        except asyncio.CancelledError:
+            if self._owner.closed:
+                # Cancelled by the instance's shutdown, not by the caller: say so.
+                raise ServeShutdown(
+                    "The aioserve instance was shut down before the call finished."
+                ) from None
+            raise
 
     def remote(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Send a request; returns an awaitable of its result. The request starts at once."""
@@ -186,6 +194,13 @@ class ServeHandle:
         if running is self._loop:
             return self._owner.spawn(coro)
         return asyncio.wrap_future(spawn_threadsafe(self._owner, self._loop, coro), loop=running)
+
+    def on_own_loop(self) -> bool:
+        """Whether the caller runs on the instance's own event loop."""
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
 
     def remote_threadsafe(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Send a request from any thread; returns a ``concurrent.futures.Future``."""

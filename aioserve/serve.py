@@ -101,13 +101,17 @@ class Serve:
 
     @property
     def url(self) -> str | None:
-        """The base URL of this instance's own HTTP server, or None without one."""
+        """The base URL of this instance's own HTTP server, or None without one.
+
+        ``root_path`` is not part of it: as in uvicorn, it names the prefix a proxy in front strips,
+        so the server itself answers at the bare routes.
+        """
         if self.http_port is None or self.http_options.host is None:
             return None
         host = self.http_options.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.http_port}{self.http_options.root_path}"
+        return f"http://{host}:{self.http_port}"
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

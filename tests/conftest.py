@@ -1,4 +1,4 @@
-"""Shared fixtures: an in-process instance, one behind a real uvicorn server, and the sync facade."""
+"""Shared fixtures: an in-process instance, one behind real uvicorn, and the sync facade."""
 
 from __future__ import annotations
 

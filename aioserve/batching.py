@@ -1,0 +1,680 @@
+"""Batch queues: gather single requests into batches for a handler that takes lists.
+
+A :class:`BatchQueue` is given an async ``dispatch(items)`` that returns one result per item, in
+order. Callers ``await queue.submit(item)`` and get their own result back. The queue forms a batch
+whenever it has capacity (fewer than ``max_concurrent_batches`` batches running): with
+``batch_wait_timeout_s == 0`` it takes what is queued right now; otherwise it waits until the batch
+is full or until the timeout, counted from the arrival of the oldest queued item, has passed. Items
+are taken earliest-deadline-first; an item whose deadline passes while it waits fails with
+:class:`~aioserve.exceptions.DeadlineExceeded` and never reaches the handler.
+
+The module also holds the public decorators: :func:`accept_batch` (the legacy marker read by a
+backend) and :func:`batch` (Ray 1.3's ``@serve.batch``, which builds a queue per instance, or per
+function and event loop, on first call). This module knows nothing of replicas or backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import heapq
+import inspect
+import logging
+import math
+import reprlib
+import weakref
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence, Sized
+from dataclasses import dataclass
+from types import EllipsisType, MethodType
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
+
+from aioserve.exceptions import (
+    BatchError,
+    ConfigError,
+    ConfigTypeError,
+    DeadlineExceeded,
+    Overloaded,
+    ServeShutdown,
+)
+
+__all__ = [
+    "BatchQueue",
+    "BatchQueueStats",
+    "accept_batch",
+    "accepts_batches",
+    "batch",
+    "queue_owner",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+S = TypeVar("S")
+F = TypeVar("F")
+
+_ACCEPT_BATCH_ATTR = "__serve_accept_batch__"
+_BATCH_PARAMS_ATTR = "__serve_batch_params__"
+
+
+def _check_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigTypeError(f"{name} must be an int >= 1, got {value!r}.")
+    if value < 1:
+        raise ConfigError(f"{name} must be an int >= 1, got {value!r}.")
+    return value
+
+
+def _check_bound(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigTypeError(f"{name} must be None (unbounded) or an int >= 1, got {value!r}.")
+    return _check_size(name, value)
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigTypeError(f"{name} must be a number of seconds >= 0, got {value!r}.")
+    if math.isnan(value) or value < 0:
+        raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}.")
+    return float(value)
+
+
+def _describe(value: object) -> str:
+    kind = type(value).__name__
+    if isinstance(value, Sized):
+        return f"a {kind} of length {len(value)}"
+    return f"{reprlib.repr(value)} (a {kind}, which has no length)"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchQueueStats:
+    """A snapshot of a :class:`BatchQueue`, for metrics.
+
+    ``queued`` and ``running`` are current; ``num_batches`` and ``num_items`` count every batch
+    dispatched so far and the items in them.
+    """
+
+    queued: int
+    running: int
+    num_batches: int
+    num_items: int
+    max_batch_size: int
+    batch_wait_timeout_s: float
+
+
+class _Entry(Generic[T, R]):
+    """One queued item and the future its caller awaits."""
+
+    __slots__ = ("arrival", "deadline", "future", "item", "seq", "timer")
+
+    def __init__(
+        self, item: T, future: asyncio.Future[R], deadline: float, seq: int, arrival: float
+    ) -> None:
+        self.item = item
+        self.future = future
+        self.deadline = deadline
+        self.seq = seq
+        self.arrival = arrival
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class BatchQueue(Generic[T, R]):
+    """Collects items submitted one at a time into batches for an async ``dispatch(items)``.
+
+    ``dispatch`` receives a list of items and must return a list (or tuple) with one result per
+    item, in order. A result of another type or length fails every caller of that batch with
+    :class:`BatchError`; an exception raised by ``dispatch`` is raised to every caller of that
+    batch. The queue goes on serving either way.
+
+    The queue owns one worker task (started on the first :meth:`submit`, and again after it went
+    idle) and one task per running batch; :meth:`aclose` ends them all.
+    """
+
+    on_batch: Callable[[int], None] | None
+    """Called with each batch's size when the batch is dispatched (a metrics hook)."""
+
+    def __init__(
+        self,
+        dispatch: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_concurrent_batches: int = 1,
+        max_queued: int | None = None,
+        name: str = "",
+    ) -> None:
+        self._max_batch_size = _check_size("max_batch_size", max_batch_size)
+        self._batch_wait_timeout_s = _check_seconds("batch_wait_timeout_s", batch_wait_timeout_s)
+        self._max_concurrent_batches = _check_size("max_concurrent_batches", max_concurrent_batches)
+        self._max_queued = _check_bound("max_queued", max_queued)
+        self._dispatch = dispatch
+        self.name = name
+        self.on_batch = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._running: dict[asyncio.Task[None], list[_Entry[T, R]]] = {}
+        # Heap of (deadline, seq, entry); entries leave it lazily, `_live` is the truth.
+        self._heap: list[tuple[float, int, _Entry[T, R]]] = []
+        self._live: OrderedDict[int, _Entry[T, R]] = OrderedDict()
+        self._seq = 0
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._closing = False
+        self._num_batches = 0
+        self._num_items = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchQueue(name={self.name!r}, queued={self.queued}, running={self.running}, "
+            f"max_batch_size={self._max_batch_size}, "
+            f"batch_wait_timeout_s={self._batch_wait_timeout_s}, "
+            f"max_concurrent_batches={self._max_concurrent_batches}, "
+            f"max_queued={self._max_queued}, closed={self._closing})"
+        )
+
+    @property
+    def queued(self) -> int:
+        """Items waiting to be put in a batch (cancelled and expired items not counted)."""
+        return len(self._live)
+
+    @property
+    def running(self) -> int:
+        """Batches being dispatched now."""
+        return len(self._running)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has been called; :meth:`submit` then raises."""
+        return self._closing
+
+    def statistics(self) -> BatchQueueStats:
+        """Return a snapshot of the queue's state and totals."""
+        return BatchQueueStats(
+            queued=len(self._live),
+            running=len(self._running),
+            num_batches=self._num_batches,
+            num_items=self._num_items,
+            max_batch_size=self._max_batch_size,
+            batch_wait_timeout_s=self._batch_wait_timeout_s,
+        )
+
+    def configure(
+        self,
+        *,
+        max_batch_size: int | None = None,
+        batch_wait_timeout_s: float | None = None,
+        max_concurrent_batches: int | None = None,
+        max_queued: int | EllipsisType | None = ...,
+    ) -> None:
+        """Change settings; they apply from the next batch formed.
+
+        Arguments left out (``None``; ``...`` for ``max_queued``, where ``None`` means unbounded)
+        keep their value. Every value is checked before any is changed.
+        """
+        size = None if max_batch_size is None else _check_size("max_batch_size", max_batch_size)
+        timeout = (
+            None
+            if batch_wait_timeout_s is None
+            else _check_seconds("batch_wait_timeout_s", batch_wait_timeout_s)
+        )
+        concurrency = (
+            None
+            if max_concurrent_batches is None
+            else _check_size("max_concurrent_batches", max_concurrent_batches)
+        )
+        bound = (
+            self._max_queued
+            if isinstance(max_queued, EllipsisType)
+            else _check_bound("max_queued", max_queued)
+        )
+        if size is not None:
+            self._max_batch_size = size
+        if timeout is not None:
+            self._batch_wait_timeout_s = timeout
+        if concurrency is not None:
+            self._max_concurrent_batches = concurrency
+        self._max_queued = bound
+        self._notify()
+
+    async def submit(self, item: T, deadline: float | None = None) -> R:
+        """Queue ``item`` and return its result once its batch has been dispatched.
+
+        ``deadline`` is an absolute time on the running loop's clock (``loop.time()``); the item
+        fails with :class:`DeadlineExceeded` if it has not been put in a batch by then.
+
+        Raises :class:`Overloaded` at once when ``max_queued`` items already wait, and
+        :class:`ServeShutdown` once the queue is closed. Cancelling the caller while the item
+        waits removes it from the queue.
+        """
+        if self._closing:
+            raise ServeShutdown(f"Batch queue {self.name!r} is closed; it accepts no new requests.")
+        if self._max_queued is not None and len(self._live) >= self._max_queued:
+            raise Overloaded(
+                f"Batch queue {self.name!r} is full: {len(self._live)} requests already wait "
+                f"(max_queued={self._max_queued}). Retry later."
+            )
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                raise RuntimeError(
+                    f"Batch queue {self.name!r} belongs to another event loop; "
+                    "create one queue per loop."
+                )
+            self._loop = loop
+        now = loop.time()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded(
+                f"The request's deadline passed {now - deadline:.3f} s before it reached "
+                f"batch queue {self.name!r}; it was not run."
+            )
+        future: asyncio.Future[R] = loop.create_future()
+        self._seq += 1
+        entry = _Entry(item, future, math.inf if deadline is None else deadline, self._seq, now)
+        heapq.heappush(self._heap, (entry.deadline, entry.seq, entry))
+        self._live[entry.seq] = entry
+        if deadline is not None:
+            entry.timer = loop.call_at(deadline, self._expire, entry)
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work(), name=f"aioserve-batch-worker:{self.name}")
+        self._notify()
+        try:
+            return await future
+        finally:
+            if entry.seq in self._live:
+                # The caller was cancelled while the item waited: it must never be dispatched.
+                self._remove(entry)
+                self._notify()
+
+    async def aclose(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop admitting, let queued and running batches finish for up to ``drain_timeout_s``,
+        then cancel what is left; every caller still waiting gets :class:`ServeShutdown`.
+
+        Idempotent: a second call only finishes cancelling what the first left running.
+        """
+        drain_timeout_s = _check_seconds("drain_timeout_s", drain_timeout_s)
+        first = not self._closing
+        self._closing = True
+        try:
+            if first:
+                # Wakes the worker so it flushes partial batches instead of waiting for more.
+                self._notify()
+                if drain_timeout_s > 0 and not self._drained.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(drain_timeout_s):
+                            await self._drained.wait()
+        finally:
+            tasks = self._abort()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def __aenter__(self) -> BatchQueue[T, R]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._wakeup.set()
+        if self._closing and not self._live and not self._running:
+            self._drained.set()
+
+    def _remove(self, entry: _Entry[T, R]) -> None:
+        del self._live[entry.seq]
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        # Cancelled entries stay in the heap until popped; rebuild before they dominate it.
+        if len(self._heap) > 2 * len(self._live) + 64:
+            self._heap = [node for node in self._heap if node[1] in self._live]
+            heapq.heapify(self._heap)
+
+    def _expire(self, entry: _Entry[T, R]) -> None:
+        entry.timer = None  # _remove() cancels the timer of any entry that leaves earlier
+        self._remove(entry)
+        if not entry.future.done():
+            entry.future.set_exception(self._deadline_error())
+        self._notify()
+
+    def _deadline_error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"The request's deadline passed while it waited in batch queue {self.name!r}; "
+            "it was not run."
+        )
+
+    def _flush_at(self) -> float:
+        """When the batch being gathered must go out: now, or the oldest item's timeout."""
+        if (
+            self._closing
+            or self._batch_wait_timeout_s == 0
+            or len(self._live) >= self._max_batch_size
+        ):
+            return -math.inf
+        oldest = next(iter(self._live.values()))
+        return oldest.arrival + self._batch_wait_timeout_s
+
+    async def _work(self) -> None:
+        # Exits when nothing is queued, so an idle queue owns no task; submit() restarts it.
+        loop = asyncio.get_running_loop()
+        while self._live:
+            self._wakeup.clear()
+            flush_at: float | None = None
+            if len(self._running) < self._max_concurrent_batches:
+                flush_at = self._flush_at()
+                if flush_at <= loop.time():
+                    self._start_batch(loop)
+                    continue
+            timer = None
+            if flush_at is not None and flush_at != math.inf:
+                timer = loop.call_at(flush_at, self._wakeup.set)
+            try:
+                await self._wakeup.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        entries: list[_Entry[T, R]] = []
+        while self._heap and len(entries) < self._max_batch_size:
+            _, seq, entry = heapq.heappop(self._heap)
+            if seq not in self._live:
+                continue
+            self._remove(entry)
+            if entry.future.done():
+                continue  # its caller was cancelled and has not cleaned up yet
+            if entry.deadline <= now:
+                entry.future.set_exception(self._deadline_error())
+                continue
+            entries.append(entry)
+        if not entries:
+            self._notify()
+            return
+        self._num_batches += 1
+        self._num_items += len(entries)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(entries))
+            except Exception:
+                logger.exception("The on_batch hook of batch queue %r raised", self.name)
+        task = loop.create_task(
+            self._run_batch(entries), name=f"aioserve-batch:{self.name}:{self._num_batches}"
+        )
+        self._running[task] = entries
+        task.add_done_callback(self._batch_done)
+
+    async def _run_batch(self, entries: list[_Entry[T, R]]) -> None:
+        try:
+            await self._dispatch_batch(entries)
+        finally:
+            self._batch_done(cast("asyncio.Task[None]", asyncio.current_task()))
+
+    async def _dispatch_batch(self, entries: list[_Entry[T, R]]) -> None:
+        expected = len(entries)
+        try:
+            results = await self._dispatch([entry.item for entry in entries])
+        except asyncio.CancelledError as exc:
+            if cast("asyncio.Task[None]", asyncio.current_task()).cancelling():
+                raise  # aclose() cancelled us; _batch_done answers the callers
+            error = BatchError(
+                f"The batch handler of queue {self.name!r} was cancelled before it returned."
+            )
+            error.__cause__ = exc
+            self._fail(entries, error)
+            return
+        except Exception as exc:
+            self._fail(entries, exc)
+            return
+        if not isinstance(results, list | tuple) or len(results) != expected:
+            self._fail(
+                entries,
+                BatchError(
+                    f"The batch handler of queue {self.name!r} returned {_describe(results)} "
+                    f"for a batch of {expected} requests; it must return a list of {expected} "
+                    "results, one per request, in order."
+                ),
+            )
+            return
+        for entry, result in zip(entries, results, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(result)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        """Forget a finished batch and fail callers it left unanswered (cancelled by aclose()).
+
+        Called as the batch task ends and again as its done callback, which alone runs for a
+        task cancelled before it started.
+        """
+        entries = self._running.pop(task, None)
+        if entries is None:
+            return
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.set_exception(self._shutdown_error())
+        self._notify()
+
+    def _fail(self, entries: list[_Entry[T, R]], error: BaseException) -> None:
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.set_exception(error)
+
+    def _shutdown_error(self) -> ServeShutdown:
+        return ServeShutdown(f"Batch queue {self.name!r} was closed before the request finished.")
+
+    def _abort(self) -> list[asyncio.Task[None]]:
+        """Cancel the worker and running batches, fail queued callers; return tasks to await."""
+        current = asyncio.current_task()
+        tasks = list(self._running)
+        if self._worker is not None:
+            tasks.append(self._worker)
+        tasks = [task for task in tasks if task is not current and not task.done()]
+        for task in tasks:
+            task.cancel()
+        for entry in list(self._live.values()):
+            self._remove(entry)
+            if not entry.future.done():
+                entry.future.set_exception(self._shutdown_error())
+        self._heap.clear()
+        return tasks
+
+
+# -- decorators ------------------------------------------------------------------------------
+
+
+def accept_batch(obj: F) -> F:
+    """Mark a function, a method or a class as taking a list of requests (legacy API).
+
+    A backend whose callable is marked gets lists when its config sets ``max_batch_size``; a
+    marked class takes lists in every method. Returns ``obj`` unchanged.
+    """
+    target = obj.__func__ if isinstance(obj, MethodType) else obj
+    try:
+        setattr(target, _ACCEPT_BATCH_ATTR, True)
+    except (AttributeError, TypeError) as exc:
+        raise ConfigTypeError(
+            f"@accept_batch can only mark a function, a method or a class, got {obj!r}."
+        ) from exc
+    return obj
+
+
+def _is_marked(obj: object) -> bool:
+    # getattr_static: never trigger a user __getattr__ (a Mock would answer anything).
+    return inspect.getattr_static(obj, _ACCEPT_BATCH_ATTR, False) is True
+
+
+def accepts_batches(obj: object) -> bool:
+    """Return True if ``obj`` was marked with :func:`accept_batch`.
+
+    A function or class is checked itself (a subclass of a marked class counts), an instance by
+    its class, and a bound method by its function or by the class it is bound to.
+    """
+    if isinstance(obj, MethodType):
+        owner = obj.__self__
+        owner_class = owner if isinstance(owner, type) else type(owner)
+        return _is_marked(obj.__func__) or _is_marked(owner_class)
+    return _is_marked(obj)
+
+
+queue_owner: contextvars.ContextVar[Callable[[BatchQueue[Any, Any]], None] | None] = (
+    contextvars.ContextVar("aioserve_batch_queue_owner", default=None)
+)
+"""Who owns the queues that :func:`batch` creates lazily in this context.
+
+When set, it is called with every new queue, so the owner (the replica running user code) can
+close them when it stops. Function queues are kept per event loop and per owner.
+"""
+
+
+class _BatchDecorator(Protocol):
+    @overload
+    def __call__(
+        self, func: Callable[[list[T]], Awaitable[Sequence[R]]], /
+    ) -> Callable[[T], Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def __call__(
+        self, func: Callable[[S, list[T]], Awaitable[Sequence[R]]], /
+    ) -> Callable[[S, T], Coroutine[Any, Any, R]]: ...
+
+
+@overload
+def batch(
+    func: Callable[[list[T]], Awaitable[Sequence[R]]], /
+) -> Callable[[T], Coroutine[Any, Any, R]]: ...
+
+
+@overload
+def batch(
+    func: Callable[[S, list[T]], Awaitable[Sequence[R]]], /
+) -> Callable[[S, T], Coroutine[Any, Any, R]]: ...
+
+
+@overload
+def batch(
+    func: None = None, /, *, max_batch_size: int = 10, batch_wait_timeout_s: float = 0.0
+) -> _BatchDecorator: ...
+
+
+def batch(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.0,
+) -> Any:
+    """Batch calls to an ``async def`` function or method (Ray 1.3's ``@serve.batch``).
+
+    The decorated callable is called with one item and returns that item's result; the wrapped
+    function receives a list of items and must return a list of results of the same length::
+
+        class Model:
+            @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+            async def predict(self, inputs: list[str]) -> list[str]: ...
+
+        result = await model.predict("one input")
+
+    A method gets one queue per instance; a function one per event loop (and per
+    :data:`queue_owner`). Usable bare (``@batch``) or with keyword arguments.
+    """
+    size = _check_size("max_batch_size", max_batch_size)
+    timeout = _check_seconds("batch_wait_timeout_s", batch_wait_timeout_s)
+    if func is None:
+        return functools.partial(_make_batched, max_batch_size=size, batch_wait_timeout_s=timeout)
+    return _make_batched(func, max_batch_size=size, batch_wait_timeout_s=timeout)
+
+
+def _positional_arity(func: Callable[..., Any]) -> int | None:
+    """1 for a function taking the list, 2 for a method; None when only a call can tell."""
+    parameters = inspect.signature(func).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = sum(1 for p in parameters if p.kind in positional and p.default is p.empty)
+    if required not in (1, 2):
+        raise ConfigTypeError(
+            f"@serve.batch needs a function that takes the list of items (after self, for a "
+            f"method), got {func!r} with signature {inspect.signature(func)}."
+        )
+    return required
+
+
+def _make_batched(
+    func: Callable[..., Any], *, max_batch_size: int, batch_wait_timeout_s: float
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    if not inspect.iscoroutinefunction(func):
+        hint = (
+            ""
+            if callable(func)
+            else " Pass the settings as keywords: @serve.batch(max_batch_size=...)."
+        )
+        raise ConfigTypeError(
+            f"@serve.batch can only be used on async functions, got {func!r}.{hint}"
+        )
+    arity = _positional_arity(func)
+    name = getattr(func, "__qualname__", repr(func))
+    attr = f"_aioserve_batch_queue:{name}"
+    # Per loop, then per owner: replicas sharing a loop must not share (and close) one queue.
+    function_queues: weakref.WeakKeyDictionary[
+        asyncio.AbstractEventLoop, dict[object, BatchQueue[Any, Any]]
+    ] = weakref.WeakKeyDictionary()
+
+    def new_queue(
+        dispatch: Callable[[list[Any]], Awaitable[Sequence[Any]]],
+    ) -> BatchQueue[Any, Any]:
+        queue: BatchQueue[Any, Any] = BatchQueue(
+            dispatch,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+            name=name,
+        )
+        owner = queue_owner.get()
+        if owner is not None:
+            owner(queue)
+        return queue
+
+    def function_queue() -> BatchQueue[Any, Any]:
+        by_owner = function_queues.setdefault(asyncio.get_running_loop(), {})
+        for key in [key for key, queue in by_owner.items() if queue.closed]:
+            del by_owner[key]
+        owner = queue_owner.get()
+        queue = by_owner.get(owner)
+        if queue is None:
+            queue = by_owner[owner] = new_queue(func)
+        return queue
+
+    def method_queue(instance: object) -> BatchQueue[Any, Any]:
+        try:
+            namespace = vars(instance)
+        except TypeError:
+            raise ConfigTypeError(
+                f"@serve.batch method {name} keeps its queue in the instance's __dict__, "
+                f"but {type(instance).__name__!r} instances have none (__slots__?)."
+            ) from None
+        queue: BatchQueue[Any, Any] | None = namespace.get(attr)
+        if queue is None or queue.closed:
+            queue = new_queue(functools.partial(func, instance))
+            if isinstance(instance, type):
+                setattr(instance, attr, queue)  # a classmethod: class namespaces are read-only
+            else:
+                namespace[attr] = queue
+        return queue
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs or len(args) not in (1, 2) or (arity is not None and len(args) != arity):
+            raise ConfigTypeError(
+                f"{name} is batched with @serve.batch: call it with exactly one item, got "
+                f"{max(len(args) - (arity == 2), 0)} positional and {len(kwargs)} keyword "
+                "arguments."
+            )
+        queue = method_queue(args[0]) if len(args) == 2 else function_queue()
+        return await queue.submit(args[-1])
+
+    wrapper.__dict__[_BATCH_PARAMS_ATTR] = (max_batch_size, batch_wait_timeout_s)
+    return wrapper
