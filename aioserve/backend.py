@@ -15,6 +15,7 @@ slot is never grabbed by a newcomer ahead of the queue. Batching callables go th
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import heapq
 import itertools
@@ -40,6 +41,12 @@ __all__ = ["Backend", "validate_backend_config"]
 logger = logging.getLogger(__name__)
 
 _INF = math.inf
+
+# Called (if set in the caller's context) when a request has to wait for a replica or a batch: the
+# HTTP edge uses it to start watching for a client that goes away only when that can matter.
+waiting_hook: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "aioserve_waiting_hook", default=None
+)
 
 
 def validate_backend_config(tag: str, user_callable: UserCallable, config: BackendConfig) -> None:
@@ -291,6 +298,9 @@ class Backend:
                 f"Backend {self.tag!r} is overloaded: {self._num_waiting} request(s) already wait "
                 f"for a replica (max_queued_queries={limit}). Retry later."
             )
+        hook = waiting_hook.get()
+        if hook is not None:
+            hook()
         loop = asyncio.get_running_loop()
         queue = self._queue
         if len(queue) > 64 and len(queue) > 2 * self._num_waiting:
@@ -417,6 +427,9 @@ class Backend:
                 max_queued=self.config.max_queued_queries,
                 name=f"backend {self.tag!r}",
             )
+        hook = waiting_hook.get()
+        if hook is not None:
+            hook()
         return await queue.submit(args[0], deadline)
 
     def _batch_dispatcher(self, method: str | None) -> Callable[[list[Any]], Awaitable[Any]]:

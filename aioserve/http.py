@@ -31,6 +31,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
+from ._concurrency import TaskOwner
+from .backend import waiting_hook
 from .exceptions import (
     DeadlineExceeded,
     EndpointNotFound,
@@ -50,6 +52,10 @@ __all__ = ["HTTPApp", "json_dumps", "to_response"]
 logger = logging.getLogger(__name__)
 
 _NO_KWARGS: dict[str, Any] = {}
+
+# A request running longer than this starts watching for its client going away (a queued one
+# starts at once), so quick requests pay for no watcher task.
+WATCH_RUNNING_AFTER_S = 0.05
 
 # The one status table of the HTTP edge; the first matching class wins.
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
@@ -155,6 +161,7 @@ class HTTPApp:
         self._router = router
         self.debug = debug
         self.running = False
+        self._watchers = TaskOwner("HTTP disconnect watchers")
         self._static: dict[str, _Route] = {}
         self._dynamic: list[_Route] = []
         self.system_routes: dict[str, SystemRoute] = {
@@ -267,18 +274,29 @@ class HTTPApp:
         if query and b"slo_ms" in query:
             deadline = _deadline_from_query(query)
         web_var.set(True)
+        request = Request(scope, receive, send)
+        # Read the body up front: afterwards ``receive()`` only reports a client that went away,
+        # so watching for that cannot steal the handler's body.
+        await request.body()
+        task = asyncio.current_task()
+        assert task is not None  # an ASGI app always runs in a task
+        watch = _DisconnectWatch(task, receive, self._watchers)
+        timer = asyncio.get_running_loop().call_later(WATCH_RUNNING_AFTER_S, watch.start)
+        waiting_hook.set(watch.start)  # this request's own task context
         try:
             result = await self._router.call_endpoint(
-                route.endpoint,
-                method_name,
-                (Request(scope, receive, send),),
-                _NO_KWARGS,
-                shard_key,
-                deadline,
+                route.endpoint, method_name, (request,), _NO_KWARGS, shard_key, deadline
             )
             response = to_response(result)
+        except asyncio.CancelledError:
+            if watch.disconnected and task.uncancel() == 0:
+                return  # the client went away: nobody is left to answer
+            raise
         except Exception as exc:
             response = self.error_response(exc)
+        finally:
+            timer.cancel()
+            watch.stop()
         await response(scope, receive, send)
 
     def error_response(self, exc: Exception) -> Response:
@@ -298,6 +316,10 @@ class HTTPApp:
 
     # -- system routes --------------------------------------------------------------------------
 
+    async def aclose(self) -> None:
+        """Stop the disconnect watchers."""
+        await self._watchers.aclose()
+
     async def _routes_json(self, request: Request) -> Response:
         table: dict[str, list[Any]] = {}
         for endpoint in self._router.endpoints.values():
@@ -309,6 +331,37 @@ class HTTPApp:
         if not self.running:
             return _plain(503, "not running")
         return _plain(200, "success")
+
+
+class _DisconnectWatch:
+    """Cancels a request's task when its client disconnects; started only when that can matter."""
+
+    __slots__ = ("_owner", "_receive", "_task", "_watcher", "disconnected")
+
+    def __init__(self, task: asyncio.Task[Any], receive: Receive, owner: TaskOwner) -> None:
+        self._task = task
+        self._receive = receive
+        self._owner = owner
+        self._watcher: asyncio.Task[None] | None = None
+        self.disconnected = False
+
+    def start(self) -> None:
+        """Start watching (idempotent): the request waits in a queue or has run a while."""
+        if self._watcher is None and not self._owner.closed:
+            self._watcher = self._owner.spawn(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        """The request is answered (or failed): stop watching."""
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 def _deadline_from_query(query: bytes) -> float | None:

@@ -200,6 +200,7 @@ class Serve:
             await asyncio.gather(*(b.aclose() for b in list(self._backends.values())))
             await self._handles.aclose()
             await self._router.aclose()
+            await self._http.aclose()
             await self._background.aclose()
         finally:
             self.state = ServeState.STOPPED
