@@ -17,12 +17,14 @@ from .api import (
     link,
     list_backends,
     list_endpoints,
+    route,
     set_backend_config,
     set_traffic,
     shadow_traffic,
     shutdown,
     split,
     start,
+    stat,
     update_backend_config,
 )
 from .batching import accept_batch, batch
@@ -100,11 +102,13 @@ __all__ = [
     "link",
     "list_backends",
     "list_endpoints",
+    "route",
     "set_backend_config",
     "set_traffic",
     "shadow_traffic",
     "shutdown",
     "split",
     "start",
+    "stat",
     "update_backend_config",
 ]

@@ -9,12 +9,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .client import Client, SyncServeHandle
 from .config import BackendConfig, HTTPOptions
-from .exceptions import ServeError
+from .exceptions import ConfigError, ConfigTypeError, ServeError
 from .handle import ServeHandle
 from .policy import RoutePolicy
 from .replica import replica_var
@@ -31,12 +31,14 @@ __all__ = [
     "link",
     "list_backends",
     "list_endpoints",
+    "route",
     "set_backend_config",
     "set_traffic",
     "shadow_traffic",
     "shutdown",
     "split",
     "start",
+    "stat",
     "update_backend_config",
 ]
 
@@ -51,6 +53,7 @@ def start(
     queueing_policy: RoutePolicy | str = RoutePolicy.Random,
     policy_kwargs: Mapping[str, object] | None = None,
     debug: bool = False,
+    gc_window_seconds: int = 3600,
 ) -> Client:
     """Start a new instance (event loop + HTTP server in a background thread) and make it current.
 
@@ -63,6 +66,7 @@ def start(
         queueing_policy=queueing_policy,
         policy_kwargs=policy_kwargs,
         debug=debug,
+        gc_window_seconds=gc_window_seconds,
     )
     with _lock:
         _clients.append(client)
@@ -70,30 +74,44 @@ def start(
 
 
 def init(
-    *,
+    kv_store_connector: Any = None,
+    kv_store_path: str | None = None,
     blocking: bool = False,
     start_server: bool = True,
     http_host: str | None = None,
     http_port: int = 8000,
+    ray_init_kwargs: Mapping[str, Any] | None = None,
+    gc_window_seconds: int = 3600,
     queueing_policy: RoutePolicy | str = RoutePolicy.Random,
     policy_kwargs: Mapping[str, object] | None = None,
+    *,
     http_options: HTTPOptions | Mapping[str, Any] | None = None,
-    ray_init_kwargs: Mapping[str, Any] | None = None,
 ) -> Client:
     """The 0.8 entry point: return the running instance, or start one.
 
-    ``blocking`` and ``ray_init_kwargs`` are accepted and have no effect here (the server is always
-    ready when ``init`` returns; there is no cluster to initialise).
+    ``blocking`` and ``ray_init_kwargs`` are accepted and have no effect here: the server is ready
+    when ``init`` returns, and there is no cluster to initialise. ``http_host=""`` means every
+    interface (``0.0.0.0``); None means 127.0.0.1. ``kv_store_connector`` (a custom table factory
+    in 0.8) is not supported: use ``kv_store_path``.
     """
+    if kv_store_connector is not None:
+        raise ConfigError(
+            "kv_store_connector is not supported; pass kv_store_path (an SQLite file) instead."
+        )
     with _lock:
         for client in reversed(_clients):
             if client.running:
                 return client
     if http_options is None:
-        host = (http_host or "127.0.0.1") if start_server else None
+        host = (
+            ("0.0.0.0" if http_host == "" else http_host or "127.0.0.1") if start_server else None
+        )
         http_options = {"host": host, "port": http_port}
     return start(
-        http_options=http_options, queueing_policy=queueing_policy, policy_kwargs=policy_kwargs
+        http_options=http_options,
+        queueing_policy=queueing_policy,
+        policy_kwargs=policy_kwargs,
+        gc_window_seconds=gc_window_seconds,
     )
 
 
@@ -203,6 +221,42 @@ def link(endpoint_name: str, backend_tag: str) -> None:
 def shadow_traffic(endpoint_name: str, backend_tag: str, proportion: Any) -> None:
     """Copy a proportion of an endpoint's traffic to a backend."""
     connect().shadow_traffic(endpoint_name, backend_tag, proportion)
+
+
+def stat(
+    percentiles: Sequence[float] = (50, 90, 95),
+    agg_windows_seconds: Sequence[int] = (10, 60, 300, 600, 3600),
+) -> dict[str, Any]:
+    """Counts and latency percentiles of the current instance (see ``Serve.stat``)."""
+    return connect().stat(percentiles, agg_windows_seconds)
+
+
+def route(
+    url_route: str | None = None, *, methods: Iterable[str] | str = ("GET",)
+) -> Callable[[Any], SyncServeHandle]:
+    """0.8's decorator: make a backend and an endpoint named after the function, return a handle.
+
+    ``@serve.route("/hello") def hello(request): ...`` leaves ``hello`` bound to a sync handle.
+    """
+
+    def decorator(func_or_class: Any) -> SyncServeHandle:
+        name = getattr(func_or_class, "__name__", None)
+        if not isinstance(name, str):
+            raise ConfigTypeError(
+                f"@serve.route needs a function or a class, got {func_or_class!r}."
+            )
+        client = connect()
+        client.create_backend(name, func_or_class)
+        try:
+            client.create_endpoint(name, backend=name, route=url_route, methods=methods)
+        except BaseException:
+            client.delete_backend(name)
+            raise
+        handle = client.get_handle(name)
+        assert isinstance(handle, SyncServeHandle)  # sync=True is the default
+        return handle
+
+    return decorator
 
 
 def get_handle(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -34,6 +35,7 @@ from .exceptions import (
     Overloaded,
     ServeShutdown,
 )
+from .metrics import BackendGauges, Metrics
 from .replica import Replica, ReplicaState, UserCallable
 
 __all__ = ["Backend", "validate_backend_config"]
@@ -73,8 +75,10 @@ class Backend:
         config: BackendConfig,
         *,
         instance: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         validate_backend_config(tag, user_callable, config)
+        self.metrics = metrics
         self.tag = tag
         self.callable = user_callable
         self.config = config
@@ -125,6 +129,16 @@ class Backend:
         running = sum(r.in_flight for r in self.replicas)
         batched = sum(q.queued for q in self._batch_queues.values())
         return running + self._num_waiting + batched
+
+    def gauges(self) -> BackendGauges:
+        """What the metrics gauges show of this backend now."""
+        queued = self._num_waiting + sum(q.queued for q in self._batch_queues.values())
+        return BackendGauges(
+            self.tag,
+            queued,
+            len(self.replicas),
+            {r.replica_tag: r.in_flight for r in self.replicas},
+        )
 
     @property
     def num_waiting(self) -> int:
@@ -312,8 +326,12 @@ class Backend:
         heapq.heappush(queue, entry)
         self._num_waiting += 1
         timer = None if deadline is None else loop.call_at(deadline, self._expire, entry)
+        started = loop.time()
         try:
-            return await future
+            replica = await future
+            if self.metrics is not None:
+                self.metrics.observe_queue_wait(self.tag, loop.time() - started)
+            return replica
         except asyncio.CancelledError:
             if future.cancelled():
                 self._num_waiting -= 1
@@ -427,6 +445,8 @@ class Backend:
                 max_queued=self.config.max_queued_queries,
                 name=f"backend {self.tag!r}",
             )
+            if self.metrics is not None:
+                queue.on_batch = functools.partial(self.metrics.observe_batch, self.tag)
         hook = waiting_hook.get()
         if hook is not None:
             hook()

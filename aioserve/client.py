@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .config import BackendConfig, HTTPOptions
@@ -236,6 +236,14 @@ class Client:
     def shadow_traffic(self, endpoint_name: str, backend_tag: str, proportion: Any) -> None:
         """See :meth:`Serve.shadow_traffic`."""
         self._thread.run(self._serve.shadow_traffic(endpoint_name, backend_tag, proportion))
+
+    def stat(
+        self,
+        percentiles: Sequence[float] = (50, 90, 95),
+        agg_windows_seconds: Sequence[int] = (10, 60, 300, 600, 3600),
+    ) -> dict[str, Any]:
+        """See :meth:`Serve.stat`."""
+        return self._thread.call(lambda: self._serve.stat(percentiles, agg_windows_seconds))
 
     # -- handles --------------------------------------------------------------------------------
 

@@ -316,6 +316,11 @@ class HTTPApp:
 
     # -- system routes --------------------------------------------------------------------------
 
+    @staticmethod
+    def plain_response(status: int, body: bytes | str, media_type: str) -> Response:
+        """A response for a system route."""
+        return Response(body, status_code=status, media_type=media_type)
+
     async def aclose(self) -> None:
         """Stop the disconnect watchers."""
         await self._watchers.aclose()

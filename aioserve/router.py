@@ -11,12 +11,14 @@ import asyncio
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from ._concurrency import TaskOwner
 from .backend import Backend
 from .exceptions import EndpointNotFound, NoTraffic
+from .metrics import Metrics, Series
 from .policy import Chooser, RoutePolicy, TrafficTable, make_chooser
 
 __all__ = ["Endpoint", "Router"]
@@ -37,6 +39,8 @@ class Endpoint:
     table: TrafficTable | None = None
     chooser: Chooser | None = None
     shadows: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Metric series by backend tag, so the request path does one small dict lookup.
+    series: dict[str, Series] = dataclasses.field(default_factory=dict, repr=False)
 
     def info(self) -> dict[str, Any]:
         """The plain dict list_endpoints shows."""
@@ -58,6 +62,7 @@ class Router:
         policy: RoutePolicy = RoutePolicy.Random,
         policy_kwargs: Mapping[str, object] | None = None,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.endpoints: dict[str, Endpoint] = {}
         self.policy = policy
@@ -66,7 +71,7 @@ class Router:
         self._backends = backends
         self._shadows = TaskOwner("shadow copies")
         self._endpoint_waiters: dict[str, list[asyncio.Future[Endpoint]]] = {}
-        self.num_shadows_dropped = 0
+        self.metrics = metrics or Metrics()
 
     def __repr__(self) -> str:
         return f"<Router endpoints={len(self.endpoints)} policy={self.policy.name}>"
@@ -162,7 +167,17 @@ class Router:
         tag = chooser.choose(shard_key)
         if endpoint.shadows:
             self._send_shadows(endpoint, method, args, kwargs)
-        return await self._backends[tag].call(method, args, kwargs, deadline)
+        series = endpoint.series.get(tag)
+        if series is None:
+            series = endpoint.series[tag] = self.metrics.series(endpoint.name, tag)
+        start = time.perf_counter()
+        try:
+            result = await self._backends[tag].call(method, args, kwargs, deadline)
+        except Exception:
+            series.observe(time.perf_counter() - start, True)
+            raise
+        series.observe(time.perf_counter() - start, False)
+        return result
 
     def _send_shadows(
         self, endpoint: Endpoint, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -174,7 +189,7 @@ class Router:
             if backend is None:
                 continue
             if len(self._shadows) >= MAX_SHADOWS_IN_FLIGHT:
-                self.num_shadows_dropped += 1
+                self.metrics.num_shadows_dropped += 1
                 continue
             self._shadows.spawn(_shadow(backend, method, args, dict(kwargs)))
 

@@ -12,7 +12,7 @@ import enum
 import logging
 import random
 import socket
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import Any
 
 import uvicorn
@@ -32,6 +32,7 @@ from .exceptions import (
 )
 from .handle import HandleOptions, ServeHandle
 from .http import HTTPApp
+from .metrics import CONTENT_TYPE, Metrics
 from .policy import RoutePolicy, TrafficTable, make_chooser, validate_shadow_proportion
 from .policy import validate_traffic as _validate_traffic
 from .replica import UserCallable
@@ -69,6 +70,7 @@ class Serve:
         policy_kwargs: Mapping[str, object] | None = None,
         debug: bool = False,
         seed: int | None = None,
+        gc_window_seconds: int = 3600,
     ) -> None:
         self.http_options = HTTPOptions.coerce(http_options)
         policy = RoutePolicy.parse(queueing_policy)
@@ -76,8 +78,19 @@ class Serve:
         # Validate the policy's arguments now rather than at the first set_traffic.
         make_chooser(policy, TrafficTable({"_": 1.0}), rng=rng, policy_kwargs=policy_kwargs)
         self._backends: dict[str, Backend] = {}
-        self._router = Router(self._backends, policy=policy, policy_kwargs=policy_kwargs, rng=rng)
+        self.metrics = Metrics(
+            gc_window_seconds=gc_window_seconds,
+            gauges=lambda: [b.gauges() for b in list(self._backends.values())],
+        )
+        self._router = Router(
+            self._backends,
+            policy=policy,
+            policy_kwargs=policy_kwargs,
+            rng=rng,
+            metrics=self.metrics,
+        )
         self._http = HTTPApp(self._router, debug=debug)
+        self._http.system_routes["/-/metrics"] = self._metrics_route
         self.asgi_app: Any = self._http
         for middleware in reversed(self.http_options.middlewares):
             cls, args, kwargs = middleware
@@ -253,7 +266,7 @@ class Serve:
                 raise ConfigError(
                     f"Backend {backend_tag!r} already exists. Delete it first or pick another tag."
                 )
-            backend = Backend(backend_tag, user_callable, cfg, instance=self)
+            backend = Backend(backend_tag, user_callable, cfg, instance=self, metrics=self.metrics)
             await backend.start()
             self._backends[backend_tag] = backend
 
@@ -404,6 +417,22 @@ class Serve:
                 shadows[backend_tag] = value
             # Replace, never mutate: the request path iterates the dict without a lock.
             endpoint.shadows = shadows
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def stat(
+        self,
+        percentiles: Sequence[float] = (50, 90, 95),
+        agg_windows_seconds: Sequence[int] = (10, 60, 300, 600, 3600),
+    ) -> dict[str, Any]:
+        """Counts and latency percentiles per endpoint and backend over each window (0.8 shape).
+
+        Windows longer than ``gc_window_seconds`` are refused: older data is not kept.
+        """
+        return self.metrics.stat(percentiles, agg_windows_seconds)
+
+    async def _metrics_route(self, request: Any) -> Any:
+        return self._http.plain_response(200, self.metrics.exposition(), CONTENT_TYPE)
 
     # -- handles --------------------------------------------------------------------------------
 

@@ -1,0 +1,399 @@
+"""Metrics: request counts, errors, latency histograms, queue waits and batch sizes.
+
+The request path only bumps plain counters (everything runs on the instance's one event loop, so no
+locks); prometheus-client turns them into the exposition format at scrape time through a collector
+on a registry of the instance's own, so two instances in a process never mix. ``stat()`` answers the
+0.8 question ("percentiles over the last N seconds") from per-second histograms kept for at most
+``gc_window_seconds``: memory stays bounded however long the process runs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from .exceptions import ConfigError, ConfigTypeError
+
+__all__ = ["CONTENT_TYPE", "BackendGauges", "Metrics", "Series"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+# stat() percentiles come from log-spaced buckets 5 % wide: close enough for latency figures.
+_RATIO = 1.05
+_INV_LOG_RATIO = 1.0 / math.log(_RATIO)
+_MIN_S = 1e-6
+
+
+def _log_bucket(value_s: float) -> int:
+    return int(math.log(max(value_s, _MIN_S) / _MIN_S) * _INV_LOG_RATIO)
+
+
+def _log_bucket_value(index: int) -> float:
+    return float(_MIN_S * _RATIO ** (index + 0.5))
+
+
+class _Histogram:
+    """Cumulative-at-scrape Prometheus histogram: counts per bucket, a sum and a count."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((_float_label(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+def _float_label(value: float) -> str:
+    return repr(float(value))
+
+
+class _Windows:
+    """Per-second sparse latency histograms for the last ``horizon_s`` seconds."""
+
+    __slots__ = ("_slots", "horizon_s")
+
+    def __init__(self, horizon_s: int) -> None:
+        self.horizon_s = horizon_s
+        # (second, {log bucket: count}, [requests, errors]); at most horizon_s + 1 entries.
+        self._slots: collections.deque[tuple[int, dict[int, int], list[int]]] = collections.deque(
+            maxlen=horizon_s + 1
+        )
+
+    def add(self, now_s: int, latency_s: float, error: bool) -> None:
+        slots = self._slots
+        if not slots or slots[-1][0] != now_s:
+            slots.append((now_s, {}, [0, 0]))
+        _, hist, counts = slots[-1]
+        index = _log_bucket(latency_s)
+        hist[index] = hist.get(index, 0) + 1
+        counts[0] += 1
+        if error:
+            counts[1] += 1
+
+    def window(self, now_s: int, window_s: int) -> tuple[dict[int, int], int, int]:
+        merged: dict[int, int] = {}
+        requests = errors = 0
+        for second, hist, counts in reversed(self._slots):
+            if second <= now_s - window_s:
+                break
+            for index, n in hist.items():
+                merged[index] = merged.get(index, 0) + n
+            requests += counts[0]
+            errors += counts[1]
+        return merged, requests, errors
+
+
+def _percentile(hist: dict[int, int], total: int, pct: float) -> float | None:
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(total * pct / 100.0))
+    seen = 0
+    for index in sorted(hist):
+        seen += hist[index]
+        if seen >= rank:
+            return _log_bucket_value(index)
+    return _log_bucket_value(max(hist))  # pragma: no cover - rank <= total always stops above
+
+
+class Series:
+    """The figures of one (endpoint, backend) pair; ``observe`` runs once per request."""
+
+    __slots__ = ("_clock", "_windows", "backend", "endpoint", "latency", "num_errors")
+
+    def __init__(
+        self, endpoint: str, backend: str, horizon_s: int, clock: Callable[[], float]
+    ) -> None:
+        self.endpoint = endpoint
+        self.backend = backend
+        self.num_errors = 0
+        self.latency = _Histogram(LATENCY_BUCKETS_S)
+        self._windows = _Windows(horizon_s)
+        self._clock = clock
+
+    @property
+    def num_requests(self) -> int:
+        """Requests answered (successfully or not)."""
+        return self.latency.count
+
+    def observe(self, latency_s: float, error: bool) -> None:
+        """Count one request that took ``latency_s`` seconds."""
+        self.latency.observe(latency_s)
+        if error:
+            self.num_errors += 1
+        self._windows.add(int(self._clock()), latency_s, error)
+
+
+class BackendGauges:
+    """What the gauges read from a backend at scrape time."""
+
+    __slots__ = ("in_flight", "num_replicas", "queue_depth", "tag")
+
+    def __init__(
+        self, tag: str, queue_depth: int, num_replicas: int, in_flight: dict[str, int]
+    ) -> None:
+        self.tag = tag
+        self.queue_depth = queue_depth
+        self.num_replicas = num_replicas
+        self.in_flight = in_flight
+
+
+class Metrics:
+    """One instance's metrics: the request path writes them, ``/-/metrics`` and ``stat()`` read."""
+
+    def __init__(
+        self,
+        *,
+        gc_window_seconds: int = 3600,
+        clock: Callable[[], float] = time.monotonic,
+        gauges: Callable[[], Iterable[BackendGauges]] | None = None,
+    ) -> None:
+        if isinstance(gc_window_seconds, bool) or not isinstance(gc_window_seconds, int):
+            raise ConfigTypeError(
+                f"gc_window_seconds must be an int number of seconds, got {gc_window_seconds!r}."
+            )
+        if gc_window_seconds < 1:
+            raise ConfigError(f"gc_window_seconds must be >= 1, got {gc_window_seconds!r}.")
+        self.gc_window_seconds = gc_window_seconds
+        self.gauges = gauges
+        self.num_shadows_dropped = 0
+        self._clock = clock
+        self._series: dict[tuple[str, str], Series] = {}
+        self._queue_wait: dict[str, _Histogram] = {}
+        self._batch_size: dict[str, _Histogram] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+
+    def __repr__(self) -> str:
+        return f"<Metrics series={len(self._series)} gc_window_seconds={self.gc_window_seconds}>"
+
+    def series(self, endpoint: str, backend: str) -> Series:
+        """The series of one (endpoint, backend) pair (made on first use; callers cache it)."""
+        key = (endpoint, backend)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = Series(
+                endpoint, backend, self.gc_window_seconds, self._clock
+            )
+        return series
+
+    def observe_queue_wait(self, backend: str, wait_s: float) -> None:
+        """A request waited ``wait_s`` seconds for a replica of ``backend``."""
+        hist = self._queue_wait.get(backend)
+        if hist is None:
+            hist = self._queue_wait[backend] = _Histogram(LATENCY_BUCKETS_S)
+        hist.observe(wait_s)
+
+    def observe_batch(self, backend: str, size: int) -> None:
+        """``backend`` was handed a batch of ``size`` requests."""
+        hist = self._batch_size.get(backend)
+        if hist is None:
+            hist = self._batch_size[backend] = _Histogram(BATCH_BUCKETS)
+        hist.observe(size)
+
+    def exposition(self) -> bytes:
+        """Everything in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    # -- stat() ---------------------------------------------------------------------------------
+
+    def stat(
+        self,
+        percentiles: Sequence[float] = (50, 90, 95),
+        agg_windows_seconds: Sequence[int] = (10, 60, 300, 600, 3600),
+    ) -> dict[str, Any]:
+        """Counts and latency percentiles per endpoint and per backend over each window.
+
+        Keys follow the 0.8 shape: ``latency_ms_{p}th_perc_{window}_window``, plus
+        ``num_requests_{window}_window`` and ``num_errors_{window}_window`` and the totals.
+        """
+        percentiles = _check_percentiles(percentiles)
+        windows = self._check_windows(agg_windows_seconds)
+        now_s = int(self._clock())
+        by_endpoint: dict[str, list[Series]] = {}
+        by_backend: dict[str, list[Series]] = {}
+        for series in self._series.values():
+            by_endpoint.setdefault(series.endpoint, []).append(series)
+            by_backend.setdefault(series.backend, []).append(series)
+        out: dict[str, Any] = {
+            "endpoints": {
+                name: _summarise(group, now_s, percentiles, windows)
+                for name, group in sorted(by_endpoint.items())
+            },
+            "backends": {
+                tag: _summarise(group, now_s, percentiles, windows)
+                for tag, group in sorted(by_backend.items())
+            },
+        }
+        for gauge in self.gauges() if self.gauges is not None else ():
+            entry = out["backends"].setdefault(
+                gauge.tag, _summarise([], now_s, percentiles, windows)
+            )
+            entry["queue_depth"] = gauge.queue_depth
+            entry["num_replicas"] = gauge.num_replicas
+            entry["in_flight"] = sum(gauge.in_flight.values())
+        return out
+
+    def _check_windows(self, windows: Sequence[int]) -> list[int]:
+        if isinstance(windows, str | bytes) or not isinstance(windows, Sequence) or not windows:
+            raise ConfigTypeError(
+                f"agg_windows_seconds must be a non-empty list of ints, got {windows!r}."
+            )
+        for window in windows:
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise ConfigError(
+                    f"agg_windows_seconds must hold ints >= 1, got {window!r} in {windows!r}."
+                )
+            if window > self.gc_window_seconds:
+                raise ConfigError(
+                    f"Aggregation window {window} s is longer than gc_window_seconds="
+                    f"{self.gc_window_seconds}: data that old is not kept. Start the instance "
+                    f"with a larger gc_window_seconds."
+                )
+        return list(windows)
+
+
+def _check_percentiles(percentiles: Sequence[float]) -> list[float]:
+    if (
+        isinstance(percentiles, str | bytes)
+        or not isinstance(percentiles, Sequence)
+        or not percentiles
+    ):
+        raise ConfigTypeError(
+            f"percentiles must be a non-empty list of numbers, got {percentiles!r}."
+        )
+    for pct in percentiles:
+        if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 < pct <= 100:
+            raise ConfigError(
+                f"percentiles must be numbers in (0, 100], got {pct!r} in {percentiles!r}."
+            )
+    return list(percentiles)
+
+
+def _pct_label(pct: float) -> str:
+    return str(int(pct)) if float(pct).is_integer() else str(pct)
+
+
+def _summarise(
+    group: list[Series], now_s: int, percentiles: list[float], windows: list[int]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "num_requests": sum(s.num_requests for s in group),
+        "num_errors": sum(s.num_errors for s in group),
+    }
+    for window in windows:
+        merged: dict[int, int] = {}
+        requests = errors = 0
+        for series in group:
+            hist, n, e = series._windows.window(now_s, window)
+            for index, count in hist.items():
+                merged[index] = merged.get(index, 0) + count
+            requests += n
+            errors += e
+        out[f"num_requests_{window}_window"] = requests
+        out[f"num_errors_{window}_window"] = errors
+        for pct in percentiles:
+            value = _percentile(merged, requests, pct)
+            out[f"latency_ms_{_pct_label(pct)}th_perc_{window}_window"] = (
+                None if value is None else round(value * 1000.0, 3)
+            )
+    return out
+
+
+class _Collector:
+    """Builds the metric families from a :class:`Metrics` at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        labels = ["endpoint", "backend"]
+        requests = CounterMetricFamily(
+            "aioserve_requests", "Requests answered, per endpoint and backend.", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "aioserve_errors", "Requests that failed, per endpoint and backend.", labels=labels
+        )
+        latency = HistogramMetricFamily(
+            "aioserve_request_latency_seconds",
+            "Time from routing a request to its result, queueing included.",
+            labels=labels,
+        )
+        for series in list(m._series.values()):
+            values = [series.endpoint, series.backend]
+            requests.add_metric(values, series.num_requests)
+            errors.add_metric(values, series.num_errors)
+            latency.add_metric(values, series.latency.buckets(), series.latency.total)
+        yield requests
+        yield errors
+        yield latency
+        queue_wait = HistogramMetricFamily(
+            "aioserve_queue_wait_seconds",
+            "Time requests that had to wait spent waiting for a replica.",
+            labels=["backend"],
+        )
+        for tag, hist in list(m._queue_wait.items()):
+            queue_wait.add_metric([tag], hist.buckets(), hist.total)
+        yield queue_wait
+        batch = HistogramMetricFamily(
+            "aioserve_batch_size", "Requests per batch handed to a replica.", labels=["backend"]
+        )
+        for tag, hist in list(m._batch_size.items()):
+            batch.add_metric([tag], hist.buckets(), hist.total)
+        yield batch
+        depth = GaugeMetricFamily(
+            "aioserve_queue_depth", "Requests waiting for a replica.", labels=["backend"]
+        )
+        replicas = GaugeMetricFamily(
+            "aioserve_replicas", "Replicas serving a backend.", labels=["backend"]
+        )
+        in_flight = GaugeMetricFamily(
+            "aioserve_replica_in_flight",
+            "Requests running on (or assigned to) a replica.",
+            labels=["backend", "replica"],
+        )
+        for gauge in m.gauges() if m.gauges is not None else ():
+            depth.add_metric([gauge.tag], gauge.queue_depth)
+            replicas.add_metric([gauge.tag], gauge.num_replicas)
+            for replica_tag, n in gauge.in_flight.items():
+                in_flight.add_metric([gauge.tag, replica_tag], n)
+        yield depth
+        yield replicas
+        yield in_flight
+        dropped = CounterMetricFamily(
+            "aioserve_shadows_dropped", "Shadow copies dropped because too many were in flight."
+        )
+        dropped.add_metric([], m.num_shadows_dropped)
+        yield dropped
