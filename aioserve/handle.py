@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._concurrency import TaskOwner, spawn_threadsafe
 from .exceptions import ConfigError, ConfigTypeError, ServeError, ServeShutdown
-from .request import web_var
+from .request import CallContext, call_var, new_request_id
 
 if TYPE_CHECKING:
     from .router import Router
@@ -157,7 +157,10 @@ class ServeHandle:
         raise TypeError("A handle belongs to one process and cannot be pickled.")
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        web_var.set(False)  # this task's own context: a handle call is never "web"
+        # This task's own context: a handle call is never "web"; nested calls keep the request id.
+        parent = call_var.get()
+        request_id = parent.request_id if parent is not None else new_request_id()
+        call_var.set(CallContext(request_id, self._endpoint, False))
         opts = self._options
         deadline = None
         if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:

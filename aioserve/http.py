@@ -42,7 +42,7 @@ from .exceptions import (
     ServeShutdown,
 )
 from .handle import deadline_from
-from .request import web_var
+from .request import CallContext, call_var, new_request_id
 
 if TYPE_CHECKING:
     from .router import Endpoint, Router
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["HTTPApp", "json_dumps", "to_response"]
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("aioserve.access")
 
 _NO_KWARGS: dict[str, Any] = {}
 
@@ -157,9 +158,10 @@ SystemRoute = Callable[[Request], Awaitable[Response]]
 class HTTPApp:
     """The ASGI app of one aioserve instance (``Serve.asgi_app`` wraps it in the middlewares)."""
 
-    def __init__(self, router: Router, *, debug: bool = False) -> None:
+    def __init__(self, router: Router, *, debug: bool = False, access_log: bool = False) -> None:
         self._router = router
         self.debug = debug
+        self.access_log = access_log
         self.running = False
         self._watchers = TaskOwner("HTTP disconnect watchers")
         self._static: dict[str, _Route] = {}
@@ -262,18 +264,22 @@ class HTTPApp:
             return
         if params is not None:
             scope["path_params"] = params
-        method_name = shard_key = None
+        method_name = shard_key = request_id = None
         for key, value in scope["headers"]:
-            if key.startswith(b"x-serve-"):
+            if key.startswith(b"x-"):
                 if key == b"x-serve-call-method":
                     method_name = value.decode("latin-1")
                 elif key == b"x-serve-shard-key":
                     shard_key = value.decode("latin-1")
+                elif key == b"x-request-id":
+                    request_id = value.decode("latin-1")
+        if request_id is None:
+            request_id = new_request_id()
         deadline = None
         query = scope.get("query_string", b"")
         if query and b"slo_ms" in query:
             deadline = _deadline_from_query(query)
-        web_var.set(True)
+        call_var.set(CallContext(request_id, route.endpoint.name, True))
         request = Request(scope, receive, send)
         # Read the body up front: afterwards ``receive()`` only reports a client that went away,
         # so watching for that cannot steal the handler's body.
@@ -297,7 +303,12 @@ class HTTPApp:
         finally:
             timer.cancel()
             watch.stop()
+        response.raw_headers.append((b"x-request-id", request_id.encode("latin-1")))
         await response(scope, receive, send)
+        if self.access_log:
+            access_logger.info(
+                '%s "%s %s" %d', request_id, scope["method"], path, response.status_code
+            )
 
     def error_response(self, exc: Exception) -> Response:
         """The response for an error raised while serving a request."""

@@ -35,7 +35,7 @@ from .exceptions import (
     ReplicaStopped,
     ServeError,
 )
-from .request import PythonRequest
+from .request import PythonRequest, replica_var
 
 __all__ = [
     "Replica",
@@ -44,6 +44,7 @@ __all__ = [
     "UserCallable",
     "get_replica_context",
     "import_attr",
+    "replica_var",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,6 @@ class ReplicaContext:
     instance: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
-replica_var: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
-    "aioserve_replica", default=None
-)
-
-
 def get_replica_context() -> ReplicaContext:
     """The context of the replica running the current call; raises outside of one."""
     ctx = replica_var.get()
@@ -82,6 +78,7 @@ def get_replica_context() -> ReplicaContext:
             "get_replica_context() was called outside of a backend replica; "
             "it only works inside a backend's constructor, handler or reconfigure()."
         )
+    assert isinstance(ctx, ReplicaContext)  # only replicas set the variable
     return ctx
 
 

@@ -11,14 +11,71 @@ This module imports nothing of the package.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
+import logging
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PythonRequest", "context"]
+__all__ = ["CallContext", "PythonRequest", "context", "install_log_context", "new_request_id"]
 
-# True while the current call came in over HTTP; handle calls reset it.
-web_var: contextvars.ContextVar[bool] = contextvars.ContextVar("aioserve_web", default=False)
+
+class CallContext:
+    """The request being served in this context: its id, its endpoint, whether it is HTTP."""
+
+    __slots__ = ("endpoint", "request_id", "web")
+
+    def __init__(self, request_id: str, endpoint: str, web: bool) -> None:
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.web = web
+
+    def __repr__(self) -> str:
+        return f"<CallContext {self.request_id} endpoint={self.endpoint!r} web={self.web}>"
+
+
+# Set once per request, in the request's own task context (HTTP) or the handle call's task.
+call_var: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "aioserve_call", default=None
+)
+# The ReplicaContext of the replica running the current user code (set by aioserve.replica).
+replica_var: contextvars.ContextVar[Any] = contextvars.ContextVar("aioserve_replica", default=None)
+
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique in this process and unlikely to repeat across processes."""
+    return f"{_ID_PREFIX}-{next(_ids):x}"
+
+
+_log_context_installed = False
+
+
+def install_log_context() -> None:
+    """Give every log record ``serve_request_id``, ``serve_endpoint``, ``serve_backend`` and
+    ``serve_replica`` attributes ("-" outside a request), for formats like
+    ``"%(serve_request_id)s %(serve_replica)s %(message)s"``. Idempotent.
+    """
+    global _log_context_installed
+    if _log_context_installed:
+        return
+    _log_context_installed = True
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        call = call_var.get()
+        replica = replica_var.get()
+        record.serve_request_id = call.request_id if call is not None else "-"
+        record.serve_endpoint = call.endpoint if call is not None else "-"
+        record.serve_backend = replica.backend_tag if replica is not None else "-"
+        record.serve_replica = replica.replica_tag if replica is not None else "-"
+        return record
+
+    logging.setLogRecordFactory(factory)
 
 
 class _Context:
@@ -27,7 +84,14 @@ class _Context:
     @property
     def web(self) -> bool:
         """True while the call being served came in over HTTP, False for a handle call."""
-        return web_var.get()
+        call = call_var.get()
+        return call is not None and call.web
+
+    @property
+    def request_id(self) -> str | None:
+        """The id of the request being served (``X-Request-ID`` over HTTP), or None."""
+        call = call_var.get()
+        return call.request_id if call is not None else None
 
     def __repr__(self) -> str:
         return f"<serve.context web={self.web}>"

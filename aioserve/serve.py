@@ -36,6 +36,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .policy import RoutePolicy, TrafficTable, make_chooser, validate_shadow_proportion
 from .policy import validate_traffic as _validate_traffic
 from .replica import UserCallable
+from .request import install_log_context
 from .router import Endpoint, Router
 
 __all__ = ["Serve", "ServeState"]
@@ -71,6 +72,7 @@ class Serve:
         debug: bool = False,
         seed: int | None = None,
         gc_window_seconds: int = 3600,
+        access_log: bool = False,
     ) -> None:
         self.http_options = HTTPOptions.coerce(http_options)
         policy = RoutePolicy.parse(queueing_policy)
@@ -89,7 +91,7 @@ class Serve:
             rng=rng,
             metrics=self.metrics,
         )
-        self._http = HTTPApp(self._router, debug=debug)
+        self._http = HTTPApp(self._router, debug=debug, access_log=access_log)
         self._http.system_routes["/-/metrics"] = self._metrics_route
         self.asgi_app: Any = self._http
         for middleware in reversed(self.http_options.middlewares):
@@ -154,6 +156,7 @@ class Serve:
         if self.state is not ServeState.STARTING:
             raise ServeShutdown("This aioserve instance has been shut down; make a new one.")
         self._loop = asyncio.get_running_loop()
+        install_log_context()
         if self.http_options.serves:
             await self._start_server()
         self.state = ServeState.RUNNING
