@@ -288,7 +288,9 @@ class HTTPApp:
         assert task is not None  # an ASGI app always runs in a task
         watch = _DisconnectWatch(task, receive, self._watchers)
         timer = asyncio.get_running_loop().call_later(WATCH_RUNNING_AFTER_S, watch.start)
-        waiting_hook.set(watch.start)  # this request's own task context
+        # Reset when the request ends: a host may run the app in a task that goes on calling
+        # handles afterwards (ASGITransport does), and those must not start this watcher.
+        hook_token = waiting_hook.set(watch.start)
         try:
             result = await self._router.call_endpoint(
                 route.endpoint, method_name, (request,), _NO_KWARGS, shard_key, deadline
@@ -303,6 +305,7 @@ class HTTPApp:
         finally:
             timer.cancel()
             watch.stop()
+            waiting_hook.reset(hook_token)
         response.raw_headers.append((b"x-request-id", request_id.encode("latin-1")))
         await response(scope, receive, send)
         if self.access_log:
@@ -352,18 +355,21 @@ class HTTPApp:
 class _DisconnectWatch:
     """Cancels a request's task when its client disconnects; started only when that can matter."""
 
-    __slots__ = ("_owner", "_receive", "_task", "_watcher", "disconnected")
+    __slots__ = ("_owner", "_receive", "_stopped", "_task", "_watcher", "disconnected")
 
     def __init__(self, task: asyncio.Task[Any], receive: Receive, owner: TaskOwner) -> None:
         self._task = task
         self._receive = receive
         self._owner = owner
         self._watcher: asyncio.Task[None] | None = None
+        self._stopped = False
         self.disconnected = False
 
     def start(self) -> None:
         """Start watching (idempotent): the request waits in a queue or has run a while."""
-        if self._watcher is None and not self._owner.closed:
+        # Tasks spawned during the request keep the hook in their context: once the request is
+        # answered, their waits must not start a watcher.
+        if self._watcher is None and not self._stopped and not self._owner.closed:
             self._watcher = self._owner.spawn(self._watch())
 
     async def _watch(self) -> None:
@@ -376,6 +382,7 @@ class _DisconnectWatch:
 
     def stop(self) -> None:
         """The request is answered (or failed): stop watching."""
+        self._stopped = True
         if self._watcher is not None:
             self._watcher.cancel()
 

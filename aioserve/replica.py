@@ -164,8 +164,15 @@ class UserCallable:
         self.target = target
         self.init_args = init_args
         self.name = getattr(target, "__qualname__", repr(target))
+        # A class batches if it, or any of its callable methods, is marked @accept_batch; which
+        # calls take lists is then decided per method (method_accepts_batches).
         self.accepts_batches = accepts_batches(target) or (
-            self.is_class and accepts_batches(getattr(target, "__call__", None))  # noqa: B004
+            self.is_class
+            and any(
+                accepts_batches(getattr(target, name, None))
+                for name in dir(target)
+                if name == "__call__" or not name.startswith("_")
+            )
         )
         self.has_reconfigure = self.is_class and callable(getattr(target, "reconfigure", None))
         self.uses_batch_decorator = _uses_batch_decorator(target)
