@@ -54,11 +54,13 @@ def start(
     policy_kwargs: Mapping[str, object] | None = None,
     debug: bool = False,
     gc_window_seconds: int = 3600,
+    kv_store_path: str | None = None,
 ) -> Client:
     """Start a new instance (event loop + HTTP server in a background thread) and make it current.
 
     Non-detached instances are shut down at interpreter exit; ``detached=True`` ones live until
-    ``shutdown()`` or the end of the process.
+    ``shutdown()`` or the end of the process. With ``kv_store_path`` the control state is
+    checkpointed in that SQLite file after every change and restored from it here.
     """
     client = Client.start(
         http_options,
@@ -67,6 +69,7 @@ def start(
         policy_kwargs=policy_kwargs,
         debug=debug,
         gc_window_seconds=gc_window_seconds,
+        kv_store_path=kv_store_path,
     )
     with _lock:
         _clients.append(client)
@@ -112,6 +115,7 @@ def init(
         queueing_policy=queueing_policy,
         policy_kwargs=policy_kwargs,
         gc_window_seconds=gc_window_seconds,
+        kv_store_path=kv_store_path,
     )
 
 

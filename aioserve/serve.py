@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import random
 import socket
 from collections.abc import Generator, Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ from .policy import validate_traffic as _validate_traffic
 from .replica import UserCallable
 from .request import install_log_context
 from .router import Endpoint, Router
+from .store import BackendRecord, EndpointRecord, Snapshot, StateStore, check_storable
 
 __all__ = ["Serve", "ServeState"]
 
@@ -73,6 +75,7 @@ class Serve:
         seed: int | None = None,
         gc_window_seconds: int = 3600,
         access_log: bool = False,
+        kv_store_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.http_options = HTTPOptions.coerce(http_options)
         policy = RoutePolicy.parse(queueing_policy)
@@ -106,6 +109,10 @@ class Serve:
         self._server: _Server | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
+        # Persistence: the records of what was created, checkpointed after every change.
+        self._store = StateStore(kv_store_path) if kv_store_path is not None else None
+        self._records: dict[str, BackendRecord] = {}
+        self._restoring = False
 
     def __repr__(self) -> str:
         where = self.url or "no server"
@@ -155,12 +162,52 @@ class Serve:
             return
         if self.state is not ServeState.STARTING:
             raise ServeShutdown("This aioserve instance has been shut down; make a new one.")
+        # A corrupt or foreign state file fails here, before anything binds or starts.
+        snapshot = self._store.load() if self._store is not None else None
         self._loop = asyncio.get_running_loop()
         install_log_context()
         if self.http_options.serves:
             await self._start_server()
         self.state = ServeState.RUNNING
         self._http.running = True
+        if snapshot is not None:
+            try:
+                await self._restore(snapshot)
+            except BaseException:
+                await self.aclose()
+                raise
+
+    async def _restore(self, snapshot: Snapshot) -> None:
+        """Recreate the checkpointed backends and endpoints (without re-saving each step)."""
+        self._restoring = True
+        try:
+            for record in snapshot.backends.values():
+                await self.create_backend(
+                    record.tag, record.target, *record.init_args, config=record.config
+                )
+            for ep in snapshot.endpoints.values():
+                await self.create_endpoint(ep.name, route=ep.route, methods=ep.methods)
+                if ep.traffic:
+                    await self.set_traffic(ep.name, ep.traffic)
+                for tag, proportion in ep.shadows.items():
+                    await self.shadow_traffic(ep.name, tag, proportion)
+        finally:
+            self._restoring = False
+        logger.info(
+            "Restored %d backend(s) and %d endpoint(s) from the state file.",
+            len(snapshot.backends),
+            len(snapshot.endpoints),
+        )
+
+    def _checkpoint(self) -> None:
+        """Save the control state (called under the lock after every successful change)."""
+        if self._store is None or self._restoring:
+            return
+        endpoints = {
+            name: EndpointRecord.from_info(name, info)
+            for name, info in self.list_endpoints().items()
+        }
+        self._store.save(Snapshot(dict(self._records), endpoints))
 
     async def _start_server(self) -> None:
         opts = self.http_options
@@ -218,6 +265,8 @@ class Serve:
             await self._router.aclose()
             await self._http.aclose()
             await self._background.aclose()
+            if self._store is not None:
+                self._store.close()
         finally:
             self.state = ServeState.STOPPED
             self._closed.set_result(None)
@@ -263,6 +312,12 @@ class Serve:
             )
         cfg = BackendConfig.coerce(config if config is not None else backend_config)
         user_callable = UserCallable(func_or_class, tuple(init_args))
+        # With persistence on, what cannot be stored is refused now, before anything starts.
+        record = (
+            BackendRecord.of(backend_tag, func_or_class, init_args, cfg)
+            if self._store is not None
+            else None
+        )
         async with self._lock:
             self._check_running()
             if backend_tag in self._backends:
@@ -272,6 +327,9 @@ class Serve:
             backend = Backend(backend_tag, user_callable, cfg, instance=self, metrics=self.metrics)
             await backend.start()
             self._backends[backend_tag] = backend
+            if record is not None:
+                self._records[backend_tag] = record
+                self._checkpoint()
 
     def _backend(self, tag: str) -> Backend:
         backend = self._backends.get(tag)
@@ -303,7 +361,13 @@ class Serve:
                 reconfigure = config_options.user_config is not None
             else:
                 reconfigure = "user_config" in config_options
+            record = self._records.get(backend_tag)
+            if record is not None:
+                check_storable(new.user_config, f"The user_config of backend {backend_tag!r}")
             await backend.update(new, reconfigure=reconfigure)
+            if record is not None:
+                record.config = new.to_dict()
+                self._checkpoint()
 
     set_backend_config = update_backend_config
 
@@ -322,6 +386,8 @@ class Serve:
                     f"Change their traffic or delete them first."
                 )
             del self._backends[backend_tag]
+            self._records.pop(backend_tag, None)
+            self._checkpoint()
         await backend.aclose(force=force)
 
     # -- endpoints ------------------------------------------------------------------------------
@@ -373,6 +439,7 @@ class Serve:
             self._router.add_endpoint(endpoint)
             if route is not None:
                 self._http.add_route(endpoint)
+            self._checkpoint()
 
     def list_endpoints(self) -> dict[str, dict[str, Any]]:
         """``{name: {"route", "methods", "traffic", "shadows"}}``."""
@@ -385,6 +452,7 @@ class Serve:
             removed = self._router.remove_endpoint(endpoint)
             if removed is not None:
                 self._http.remove_route(removed)
+                self._checkpoint()
 
     def _endpoint(self, name: str) -> Endpoint:
         endpoint = self._router.endpoints.get(name)
@@ -399,6 +467,7 @@ class Serve:
             endpoint = self._endpoint(endpoint_name)
             traffic = _validate_traffic(traffic_policy_dictionary, self._backends)
             self._router.set_traffic(endpoint, traffic)
+            self._checkpoint()
 
     split = set_traffic
 
@@ -420,6 +489,7 @@ class Serve:
                 shadows[backend_tag] = value
             # Replace, never mutate: the request path iterates the dict without a lock.
             endpoint.shadows = shadows
+            self._checkpoint()
 
     # -- metrics --------------------------------------------------------------------------------
 

@@ -148,14 +148,14 @@ def _json_problem(value: object, where: str) -> tuple[str, str] | None:
     # Exact types: a subclass (IntEnum, OrderedDict, a str subclass) would come back as its base.
     if value is None or kind in (bool, int, float, str):
         return None
-    if kind is list:
-        for i, item in enumerate(value):  # type: ignore[arg-type]
+    if isinstance(value, list) and kind is list:
+        for i, item in enumerate(value):
             problem = _json_problem(item, f"{where}[{i}]")
             if problem is not None:
                 return problem
         return None
-    if kind is dict:
-        for key, item in value.items():  # type: ignore[attr-defined]
+    if isinstance(value, dict) and kind is dict:
+        for key, item in value.items():
             if type(key) is not str:
                 return f"{where}", f"a dict with the non-str key {key!r}"
             problem = _json_problem(item, f"{where}[{key!r}]")
@@ -324,6 +324,8 @@ class StateStore:
         corrupt, belongs to another application or was written by a newer aioserve.
         """
         with self._lock:
+            if self._conn is None and not self._closed and not self.path.exists():
+                return None  # nothing saved yet; do not create the file just to read it
             conn = self._connect()
             try:
                 conn.execute("BEGIN")

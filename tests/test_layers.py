@@ -29,20 +29,21 @@ LAYERS: dict[str, int] = {
     "batching": 2,
     "replica": 2,
     "backend": 3,
+    "store": 3,  # persistence of the control state; Serve (L6) checkpoints through it
     "handle": 4,
     "router": 4,
     "http": 5,
     "serve": 6,
     "client": 7,
     "api": 7,
-    "store": 7,
     "cli": 7,
     "__main__": 7,
     "__init__": 7,
 }
 
 # Third-party packages allowed only in some modules (at run time; TYPE_CHECKING imports are free).
-CONFINED = {"starlette": {"http"}, "uvicorn": {"serve"}}
+# cli runs uvicorn's own process manager for --workers.
+CONFINED = {"starlette": {"http"}, "uvicorn": {"serve", "cli"}}
 
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 

@@ -1,0 +1,530 @@
+"""The command line: ``aioserve run`` in real subprocesses on real ports, and its error reports.
+
+Subprocess tests wait for the "serving on" line (a bounded read), never sleep; every process is
+killed (with its workers: it runs in its own session) when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from aioserve import cli
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_TOML = "examples/deployment.toml"
+START_TIMEOUT_S = 20.0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Running:
+    """One ``python -m aioserve run ...`` process, its stdout read line by line on a thread."""
+
+    def __init__(self, args: list[str], stderr_path: Path) -> None:
+        self.stderr_path = stderr_path
+        self._stderr = stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aioserve", "run", *args],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            start_new_session=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.stdout: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    @property
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def url(self) -> str:
+        """Wait (bounded) for the "serving on" line and return its URL."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"exited with {self.proc.wait()} before serving:\n{self.stderr}")
+            self.stdout.append(line)
+            found = re.search(r"aioserve is serving on (http://\S+)", line)
+            if found:
+                return found.group(1)
+        pytest.fail(f"no 'serving on' line within {START_TIMEOUT_S} s:\n{self.stderr}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` and return the exit code."""
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=20)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        # Its workers share its process group: make sure none is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr.close()
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(*args: str) -> Running:
+        running = Running(list(args), tmp_path / f"stderr-{len(started)}.txt")
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.close()
+
+
+def _run_to_exit(*args: str, path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = _env()
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), env["PYTHONPATH"]])
+    return subprocess.run(
+        [sys.executable, "-m", "aioserve", "run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+def test_a_setup_function_serves_until_sigterm(run: Callable[..., Running]) -> None:
+    server = run("examples.deployment:setup", "--port", "0", "--log-level", "warning")
+    url = server.url()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+    assert httpx.get(f"{url}/hello", params={"name": "cli"}).text == "hello cli"
+    assert httpx.get(f"{url}/greet").text == "bonjour!"
+    assert httpx.get(f"{url}/pid").json() == {"pid": server.proc.pid}
+    assert server.stop(signal.SIGTERM) == 0
+    # --log-level warning: the INFO line of the shutdown is not logged.
+    assert "Shutting down" not in server.stderr
+    assert "Traceback" not in server.stderr
+
+
+def test_a_toml_file_serves_its_routes_until_sigint(run: Callable[..., Running]) -> None:
+    server = run(EXAMPLE_TOML, "--port", "0")
+    url = server.url()
+    routes = httpx.get(f"{url}/-/routes").json()
+    assert routes == {
+        "/hello": ["hello", ["GET"]],
+        "/greet": ["greet", ["GET", "POST"]],
+        "/pid": ["pid", ["GET"]],
+    }
+    assert httpx.get(f"{url}/hello").text == "hello world"
+    greetings = {httpx.post(f"{url}/greet").text for _ in range(40)}
+    assert greetings == {"bonjour!", "hello."}  # traffic split 50/50 over the two backends
+    assert server.stop(signal.SIGINT) == 0
+    assert "INFO aioserve.cli: Shutting down." in server.stderr
+
+
+def test_a_serve_instance_is_served_with_the_flags_address(run: Callable[..., Running]) -> None:
+    server = run("examples.deployment:app", "--port", "0", "--host", "127.0.0.1")
+    url = server.url()
+    assert url != "http://127.0.0.1:8000"  # the instance says 8000; --port 0 replaced it
+    assert httpx.get(f"{url}/-/healthz").status_code == 200
+    assert httpx.get(f"{url}/-/routes").json() == {}
+    assert server.stop() == 0
+
+
+def test_workers_answer_from_different_processes(run: Callable[..., Running]) -> None:
+    port = _free_port()
+    server = run("examples.deployment:setup", "--workers", "2", "--port", str(port))
+    url = server.url()
+    assert url == f"http://127.0.0.1:{port}"
+    assert "with 2 worker processes" in server.stdout[-1]
+    pids: set[int] = set()
+    for _ in range(300):
+        # httpx.get opens a new connection each time: the kernel hands it to either worker.
+        pids.add(httpx.get(f"{url}/pid").json()["pid"])
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2, f"one process answered all 300 requests: {pids}"
+    assert server.proc.pid not in pids  # the parent only manages them
+    assert server.stop(signal.SIGTERM) == 0
+    for pid in pids:  # uvicorn stopped and reaped its workers before the parent exited
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# -- errors in subprocesses ------------------------------------------------------------------------
+
+
+def test_a_bad_toml_file_exits_2_before_binding_its_port(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[[backends]]\ntag = "hello"\ntarget = "examples.deployment:hello"\n'
+        "[backends.config]\nnum_replicas = 0\n"
+    )
+    # Hold the port: a server that tried to bind it would fail with another error.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = _run_to_exit(str(bad), "--port", str(port))
+    assert done.returncode == 2
+    assert f"{bad}:5: backends[0].config.num_replicas: num_replicas must be >= 1" in done.stderr
+    assert "nothing was started" in done.stderr
+    assert "bind" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_an_error_while_building_exits_2_with_the_key_path(tmp_path: Path) -> None:
+    bad = tmp_path / "build.toml"
+    bad.write_text(
+        '[[backends]]\ntag = "pid"\ntarget = "examples.deployment:pid"\n\n'
+        '[[backends]]\ntag = "hello"\ntarget = "examples.deployment:hello"\n'
+        "config = { max_batch_size = 4 }\n"
+    )
+    done = _run_to_exit(str(bad), "--port", "0")
+    assert done.returncode == 2
+    assert f"{bad}:5: backends[1]: Backend 'hello': max_batch_size=4 needs" in done.stderr
+    assert done.stdout == ""  # never announced as serving
+
+
+def test_an_error_while_building_in_workers_stops_them_all(tmp_path: Path) -> None:
+    bad = tmp_path / "build.toml"
+    bad.write_text(
+        '[[backends]]\ntag = "hello"\ntarget = "examples.deployment:hello"\n'
+        "config = { max_batch_size = 4 }\n"
+    )
+    done = _run_to_exit(str(bad), "--workers", "2", "--port", str(_free_port()))
+    assert done.returncode == 2
+    assert f"{bad}:1: backends[0]: Backend 'hello': max_batch_size=4 needs" in done.stderr
+    assert "failed to start" in done.stderr  # uvicorn stopped the parent
+    assert done.stdout == ""
+
+
+def test_a_port_in_use_exits_1_with_a_clear_message() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = _run_to_exit("examples.deployment:setup", "--port", str(port))
+    assert done.returncode == 1
+    assert f"aioserve: error: The HTTP server cannot bind 127.0.0.1:{port}" in done.stderr
+    assert done.stdout == ""
+
+
+def test_a_setup_function_that_raises_exits_1_with_its_traceback(tmp_path: Path) -> None:
+    (tmp_path / "cli_failing_setup.py").write_text(
+        "async def setup(serve):\n"
+        "    await serve.create_backend('ok', 'examples.deployment:hello')\n"
+        "    raise RuntimeError('the model file is missing')\n"
+    )
+    done = _run_to_exit("cli_failing_setup:setup", "--port", "0", path=tmp_path)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr
+    assert (
+        "aioserve: error: The setup function 'cli_failing_setup:setup' raised RuntimeError: "
+        "the model file is missing"
+    ) in done.stderr
+    assert done.stdout == ""
+
+
+def test_a_bad_module_attr_exits_2() -> None:
+    done = _run_to_exit("examples.deployment:hello")
+    assert done.returncode == 2
+    assert "'examples.deployment:hello' is a sync function" in done.stderr
+    assert "async setup function" in done.stderr
+
+
+# -- errors, in process (nothing starts, so nothing to clean up) ----------------------------------
+
+
+@pytest.fixture
+def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+def _fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert cli.main(["run", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    return err
+
+
+@pytest.mark.usefixtures("in_repo")
+@pytest.mark.parametrize(
+    ("target", "needle"),
+    [
+        ("no_such_module_xyz:setup", "Cannot load 'no_such_module_xyz:setup': Cannot import"),
+        ("examples.deployment:nope", "has no attribute 'nope'"),
+        ("examples.deployment:Greeter", "is the class Greeter"),
+        ("examples.deployment", "must be 'module:attr'"),
+        ("missing.toml", "No such deployment file: 'missing.toml'"),
+        ("json:JSONDecodeError", "is the class JSONDecodeError"),
+        ("os:sep", "'/' of type str"),
+        ("examples.deployment:hello", "is a sync function"),
+    ],
+)
+def test_targets_that_are_not_servable(
+    capsys: pytest.CaptureFixture[str], target: str, needle: str
+) -> None:
+    err = _fails(capsys, target)
+    assert err.startswith("aioserve: error: ")
+    assert needle in err
+
+
+@pytest.mark.usefixtures("in_repo")
+def test_a_setup_function_must_take_the_instance(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cli_target_no_arg.py").write_text("async def setup():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = _fails(capsys, "cli_target_no_arg:setup")
+    assert "must take one argument, the Serve instance" in err
+
+
+@pytest.mark.usefixtures("in_repo")
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--workers", "2", "--port", "0"], "--port 0 cannot be used with --workers"),
+        (["--workers", "2", "--port", "9", "--kv-store-path", "s.db"], "overwrite each other"),
+        (["--workers", "0"], "--workers: must be >= 1"),
+        (["--port", "70000"], "--port: must be in 0..65535"),
+        (["--log-level", "loud"], "invalid choice: 'loud'"),
+    ],
+)
+def test_bad_options(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+    assert needle in _fails(capsys, EXAMPLE_TOML, *argv)
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "usage: aioserve" in capsys.readouterr().err
+
+
+BAD_FILE = """\
+colour = "blue"
+[http]
+port = 99999
+
+[[backends]]
+tag = "hello"
+target = "examples.deployment:hello"
+init_args = "nope"
+[backends.config]
+num_replicas = 0
+max_batch_sise = 2
+
+[[backends]]
+target = "examples.deployment:nothing"
+config = { num_replicas = -1, "max_queued_queries" = 0 }
+
+[[backends]]
+tag = "hello"
+target = "os:sep"
+
+[[endpoints]]
+name = "e"
+backend = "ghost"
+route = "nope"
+methods = []
+traffic = { hello = 0.5, ghost = 0.5 }
+shadows = { hello = 2 }
+
+[[endpoints]]
+name = "e"
+route = "/e"
+traffic = { hello = 0.7 }
+
+[[endpoints]]
+name = "f"
+route = "/e"
+methods = ["GET", 3]
+"""
+
+
+@pytest.mark.usefixtures("in_repo")
+def test_every_error_of_a_file_is_reported_with_its_key_path_and_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_FILE)
+    lines = _fails(capsys, str(path)).splitlines()
+    assert lines[0] == f"aioserve: error: {path} has 21 errors; nothing was started."
+    found = {re.sub(r"^.*?\.toml:", "", line).split(": ", 2)[1]: line for line in lines[1:]}
+    expected_lines = {
+        "colour": 1,
+        "http.port": 3,
+        "backends[0].init_args": 8,
+        "backends[0].config.num_replicas": 10,
+        "backends[0].config.max_batch_sise": 11,
+        "backends[1]": 13,
+        "backends[1].target": 14,
+        "backends[1].config.num_replicas": 15,
+        "backends[1].config.max_queued_queries": 15,
+        "backends[2].tag": 18,
+        "backends[2].target": 19,
+        "endpoints[0].route": 24,
+        "endpoints[0].backend": 23,
+        "endpoints[0].methods": 25,
+        "endpoints[0].traffic": 26,
+        "endpoints[0].traffic.ghost": 26,
+        "endpoints[0].shadows.hello": 27,
+        "endpoints[1].name": 30,
+        "endpoints[1].traffic": 32,
+        "endpoints[2].route": 36,
+        "endpoints[2].methods": 37,
+    }
+    for key, line in expected_lines.items():
+        assert key in found, f"no error for {key}: {lines}"
+        assert found[key].startswith(f"{path}:{line}: {key}: "), found[key]
+    assert len(found) == len(expected_lines) == 21
+    messages = "\n".join(lines)
+    for needle in [
+        "unknown key 'colour'. Known keys here: http, backends, endpoints.",
+        "port must be in 0..65535, got 99999.",
+        "must be an array, got a string.",
+        "num_replicas must be >= 1, got 0.",
+        "Unknown backend config field 'max_batch_sise'.",
+        "missing required key 'tag'",
+        "backend tag 'hello' is already used by backends[0].",
+        "'os:sep' is '/' of type str, not a function or a class.",
+        "no backend tagged 'ghost' in this file. Backends: 'hello'.",
+        "give either 'backend' or 'traffic', not both.",
+        "A shadow proportion must be between 0 and 1, got 2.",
+        "endpoint name 'e' is already used by endpoints[0].",
+        "Traffic weights must sum to 1, got 0.7",
+        "route '/e' is already used by endpoints[1].",
+    ]:
+        assert needle in messages
+
+
+@pytest.mark.usefixtures("in_repo")
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[http]\nport = "80"\n', ":2: http.port: http_options port must be an int"),
+        ("[[endpoints]]\nname = 'x'\nmethods = ['GET', 3]\n", ":3: endpoints[0].methods: must"),
+        (
+            "[[endpoints]]\nname = 'x'\nroute = '/a'\n[[endpoints]]\nname = 'y'\nroute = '/a'\n",
+            ":6:",
+        ),
+        ("[[endpoints]]\nname = 'x'\ntraffic = { }\n", ":3: endpoints[0].traffic: Traffic must"),
+        ("[[endpoints]]\nname = 'x'\ntraffic = 1\n", ":3: endpoints[0].traffic: must be a table"),
+        ("[[endpoints]]\nname = 'x'\nshadows = []\n", ":3: endpoints[0].shadows: must be a table"),
+        ("backends = 3\n", ":1: backends: must be an array of tables"),
+        ("http = 3\n", ":1: http: must be a table ([http])"),
+        ("[[backends]]\ntag = ''\ntarget = 'json:dumps'\n", ":2: backends[0].tag: must be a non"),
+        (
+            "[[backends]]\ntag = 't'\ntarget = 'json:dumps'\nconfig = 'fast'\n",
+            ":4: backends[0].config: must be a table, got a string.",
+        ),
+        (
+            "[[backends]]\ntag = 't'\ntarget = 'json:dumps'\nconfig.user_config = 1\n"
+            "config.sleepy = true\n",
+            ":5: backends[0].config.sleepy: Unknown backend config field 'sleepy'.",
+        ),
+        (
+            '[[backends]]\ntag = "t"\ntarget = "json:dumps"\n[[endpoints]]\nname = "x"\n'
+            '[endpoints.shadows]\n"t" = 0.5\nmissing = 0.5\n',
+            ":8: endpoints[0].shadows.missing: no backend tagged 'missing' in this file.",
+        ),
+        ("a = [\n  1,\nb = 2\n", ":3: invalid TOML: "),
+        ('"""\n', ":1: invalid TOML: "),
+    ],
+)
+def test_key_paths_and_lines(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "d.toml"
+    path.write_text(text)
+    err = _fails(capsys, str(path))
+    assert f"{path}{expected}" in err, err
+
+
+def test_lines_are_found_past_multiline_strings_and_in_nested_arrays() -> None:
+    text = (
+        'doc = """\n'
+        "[[backends]]\n"  # inside the string: not a header
+        'name = "fake"\n'
+        '"""\n'
+        "[[backends]]\n"
+        "[backends.config]\n"
+        "user_config = { a = 1 }\n"
+        "[[backends]]\n"
+        "[[backends.items]]\n"
+        "[[backends.items]]\n"
+        "x = 1\n"
+    )
+    lines = cli._KeyLines(text)
+    assert lines.find(("doc",)) == 1
+    assert lines.find(("backends", 0)) == 5
+    assert lines.find(("backends", 0, "config", "user_config", "a")) == 7
+    assert lines.find(("backends", 1)) == 8
+    assert lines.find(("backends", 1, "items", 1, "x")) == 11
+    assert lines.find(("backends", 1, "items", 1, "nope")) == 10
+    assert lines.find(("nothing",)) is None
+    assert cli._format_key_path(("traffic", "my tag", 0)) == 'traffic."my tag"[0]'
+
+
+@pytest.mark.usefixtures("in_repo")
+def test_the_example_file_is_valid() -> None:
+    deployment = cli._Deployment.load(EXAMPLE_TOML)
+    assert [b.tag for b in deployment.backends] == ["hello", "greeter-fr", "greeter-en", "pid"]
+    assert [e.name for e in deployment.endpoints] == ["hello", "greet", "pid"]
+    assert deployment.endpoints[1].traffic == {"greeter-fr": 0.5, "greeter-en": 0.5}
+    assert deployment.http == {"host": "127.0.0.1", "port": 8000}
+    assert json.loads(json.dumps(deployment.backends[1].config)) == {
+        "num_replicas": 2,
+        "user_config": {"punctuation": "!"},
+    }
