@@ -213,7 +213,10 @@ class Serve:
         opts = self.http_options
         assert opts.host is not None  # serves is False without a host
         family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for sockets
+        # that say TCP, and without it every keep-alive response after the first waits ~40 ms
+        # for the client's delayed ACK (uvicorn writes head and body separately).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((opts.host, opts.port))

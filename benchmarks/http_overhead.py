@@ -6,6 +6,10 @@ Both servers run at once (the idle one costs nothing) with the same uvicorn sett
 is loaded A B A B ... so drift on a shared machine hits both alike, and the table shows medians
 and the ratio aioserve / Starlette.
 
+A second table compares aioserve with itself: the async noop at concurrency 64 with the benchmark
+endpoints alone, and with 1,000 more static endpoints (``--extra-endpoints``), loaded A B A B the
+same way. Route matching that does not grow with the number of endpoints keeps its ratio at 1.00.
+
 The servers are plug-ins (:class:`ServerSpec`). The aioserve one is ``benchmarks/aioserve_app.py``,
 started as ``python -m benchmarks.aioserve_app --port P --loop L --http H`` and serving the routes
 of :mod:`benchmarks.bare_starlette`. While that module is missing, or when it fails to start, the
@@ -54,6 +58,8 @@ DEFAULT_ROUNDS = 2
 QUICK_DURATION_S = 1.0
 QUICK_ROUNDS = 1
 DEFAULT_CONNECTIONS = (1, 64)
+DEFAULT_EXTRA_ENDPOINTS = 1000
+ROUTE_TABLE_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -97,12 +103,20 @@ CASES = (
 AIOSERVE_MODULE = "benchmarks.aioserve_app"
 
 
-def module_server(name: str, module: str, settings: Mapping[str, str]) -> ServerSpec:
-    """A server run as ``python -m <module> --port P --loop L --http H``."""
+def _argv_with(
+    module: str, settings: Mapping[str, str], extra_args: Sequence[str], port: int
+) -> list[str]:
+    return [*server_argv(module, port, settings), *extra_args]
+
+
+def module_server(
+    name: str, module: str, settings: Mapping[str, str], extra_args: Sequence[str] = ()
+) -> ServerSpec:
+    """A server run as ``python -m <module> --port P --loop L --http H [extra_args...]``."""
     source = REPO_ROOT.joinpath(*module.split(".")).with_suffix(".py")
     return ServerSpec(
         name=name,
-        argv_builder=functools.partial(server_argv, module, settings=settings),
+        argv_builder=functools.partial(_argv_with, module, settings, tuple(extra_args)),
         source=source if module.startswith("benchmarks.") else None,
     )
 
@@ -120,6 +134,16 @@ def default_servers(
     return baseline, module_server(name, candidate_module, settings)
 
 
+def route_table_server(settings: Mapping[str, str], extra_endpoints: int) -> ServerSpec:
+    """aioserve with ``extra_endpoints`` more static endpoints, for the route-table rows."""
+    return module_server(
+        f"aioserve +{extra_endpoints:,} endpoints",
+        AIOSERVE_MODULE,
+        settings,
+        ("--extra-endpoints", str(extra_endpoints)),
+    )
+
+
 @dataclass(frozen=True)
 class Options:
     duration_s: float
@@ -127,6 +151,7 @@ class Options:
     connections: tuple[int, ...]
     tool: LoadTool
     candidate_module: str = AIOSERVE_MODULE
+    extra_endpoints: int = DEFAULT_EXTRA_ENDPOINTS
 
 
 def _progress(message: str) -> None:
@@ -197,16 +222,19 @@ def measure(
     servers: Sequence[tuple[str, ServerProcess]],
     options: Options,
     footnotes: list[str],
+    *,
+    cases: Sequence[Case] = CASES,
+    connections_list: Sequence[int] | None = None,
 ) -> dict[tuple[str, int], dict[str, LoadResult]]:
     """For every case and concurrency, the median result of each server, loaded alternately.
 
-    A load run that fails counts as one error with no figures, and its reason joins
-    ``footnotes``.
+    ``connections_list`` defaults to ``options.connections``. A load run that fails counts as one
+    error with no figures, and its reason joins ``footnotes``.
     """
     failures: dict[str, None] = {}  # an ordered set of reasons
     medians: dict[tuple[str, int], dict[str, LoadResult]] = {}
-    for case in CASES:
-        for connections in options.connections:
+    for case in cases:
+        for connections in connections_list or options.connections:
             _progress(
                 f"{case.name}, concurrency {connections}: "
                 f"{options.rounds} x {' '.join(name for name, _ in servers)}"
@@ -230,7 +258,11 @@ def _p50_p99(result: LoadResult | None) -> str | None:
 
 
 def build_rows(
-    medians: Mapping[tuple[str, int], Mapping[str, LoadResult]], baseline: str, candidate: str
+    medians: Mapping[tuple[str, int], Mapping[str, LoadResult]],
+    baseline: str,
+    candidate: str,
+    *,
+    case_suffix: str = "",
 ) -> tuple[list[dict[str, object]], list[str]]:
     columns = [
         "case",
@@ -248,7 +280,7 @@ def build_rows(
         cand = by_server.get(candidate)
         rows.append(
             {
-                "case": case_name,
+                "case": case_name + case_suffix,
                 "concurrency": connections,
                 f"{baseline} req/s": format_rps(base.rps),
                 f"{candidate} req/s": format_rps(cand.rps) if cand else None,
@@ -273,6 +305,39 @@ def _error_notes(medians: Mapping[tuple[str, int], Mapping[str, LoadResult]]) ->
     return notes
 
 
+@dataclass(frozen=True)
+class RouteTableResult:
+    """The route-table rows: aioserve as is (``small``) against aioserve with more endpoints."""
+
+    small: str
+    large: str
+    extra_endpoints: int
+    medians: Mapping[tuple[str, int], Mapping[str, LoadResult]]
+
+
+def render_route_table(result: RouteTableResult, options: Options) -> str:
+    rows, columns = build_rows(
+        result.medians,
+        result.small,
+        result.large,
+        case_suffix=f", {result.extra_endpoints:,} endpoints",
+    )
+    caption = (
+        f"**Route table size, {result.large} vs {result.small}** (same server, same run, "
+        f"alternating A B A B, {options.rounds} "
+        f"{'round' if options.rounds == 1 else 'rounds'} of {options.duration_s:g} s)."
+    )
+    notes = [
+        f"{result.small} serves the {len(CASES)} benchmark endpoints; {result.large} serves "
+        f"{result.extra_endpoints:,} more static ones (`/e0`.. on the noop backend). "
+        "ratio = req/s with them / req/s without (target >= 0.91, i.e. per-request cost <= 1.1x).",
+        *_error_notes(result.medians),
+    ]
+    lines = [caption, "", markdown_table(rows, columns), ""]
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines)
+
+
 def render_report(
     medians: Mapping[tuple[str, int], Mapping[str, LoadResult]],
     options: Options,
@@ -280,6 +345,7 @@ def render_report(
     baseline: str,
     candidate: str,
     footnotes: Sequence[str],
+    route_table: RouteTableResult | None = None,
 ) -> str:
     rows, columns = build_rows(medians, baseline, candidate)
     cpus = os.cpu_count()
@@ -301,6 +367,8 @@ def render_report(
     ]
     lines = [caption, "", markdown_table(rows, columns), ""]
     lines += [f"- {note}" for note in notes]
+    if route_table is not None:
+        lines += ["", render_route_table(route_table, options)]
     return "\n".join(lines)
 
 
@@ -344,6 +412,14 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         help=f"load generator (default: ${LOAD_TOOL_ENV}, else auto = wrk if installed)",
     )
     parser.add_argument(
+        "--extra-endpoints",
+        type=int,
+        default=DEFAULT_EXTRA_ENDPOINTS,
+        metavar="N",
+        help=f"route-table rows: aioserve with N more endpoints vs without, at concurrency "
+        f"{ROUTE_TABLE_CONNECTIONS} (default {DEFAULT_EXTRA_ENDPOINTS}; 0 skips them)",
+    )
+    parser.add_argument(
         "--candidate",
         default=AIOSERVE_MODULE,
         metavar="MODULE",
@@ -358,9 +434,42 @@ def parse_options(argv: Sequence[str] | None) -> Options:
             f"--duration must be positive and --rounds at least 1, got "
             f"{duration_s!r} and {rounds!r}."
         )
+    if args.extra_endpoints < 0:
+        parser.error(f"--extra-endpoints must be at least 0, got {args.extra_endpoints!r}.")
     return Options(
-        duration_s, rounds, args.connections, resolve_load_tool(args.load), args.candidate
+        duration_s,
+        rounds,
+        args.connections,
+        resolve_load_tool(args.load),
+        args.candidate,
+        args.extra_endpoints,
     )
+
+
+def measure_route_table(
+    candidate: tuple[str, ServerProcess],
+    options: Options,
+    settings: Mapping[str, str],
+    stack: contextlib.ExitStack,
+    footnotes: list[str],
+) -> RouteTableResult | None:
+    """Start aioserve with ``options.extra_endpoints`` more endpoints and load it against
+    ``candidate`` (the same server without them); None if it does not start."""
+    spec = route_table_server(settings, options.extra_endpoints)
+    large = _start_candidate(spec, stack, footnotes)
+    if large is None:
+        return None
+    servers = [candidate, (spec.name, large)]
+    medians = measure(
+        servers,
+        options,
+        footnotes,
+        cases=CASES[:1],
+        connections_list=(ROUTE_TABLE_CONNECTIONS,),
+    )
+    # The large server's work is done: stop it now rather than at the end of the run.
+    large.close()
+    return RouteTableResult(candidate[0], spec.name, options.extra_endpoints, medians)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,6 +487,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if candidate_server is not None:
             servers.append((candidate.name, candidate_server))
         medians = measure(servers, options, footnotes)
+        route_table = None
+        if (
+            candidate_server is not None
+            and options.candidate_module == AIOSERVE_MODULE
+            and options.extra_endpoints > 0
+        ):
+            route_table = measure_route_table(
+                (candidate.name, candidate_server), options, settings, stack, footnotes
+            )
         for name, server in servers:
             if server.returncode is not None:
                 _progress(f"{name} exited during the run. Server output:\n{server.log_tail()}")
@@ -385,7 +503,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{name}: the server exited with code {server.returncode} during the run; "
                     "its output is on stderr."
                 )
-    print(render_report(medians, options, settings, baseline.name, candidate.name, footnotes))
+    print(
+        render_report(
+            medians, options, settings, baseline.name, candidate.name, footnotes, route_table
+        )
+    )
     return 0
 
 
