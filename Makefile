@@ -24,9 +24,9 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# A server with an example backend on 127.0.0.1:$(PORT).
+# A server with the example deployment (examples/deployment.toml) on 127.0.0.1:$(PORT).
 serve: install
-	$(BIN)/python examples/quickstart.py --port $(PORT)
+	$(BIN)/aioserve run examples/deployment.toml --port $(PORT)
 
 bench: install
 	$(BIN)/python -m benchmarks
