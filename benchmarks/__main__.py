@@ -19,8 +19,8 @@ from typing import cast
 BENCHMARKS = (
     ("http_overhead", "HTTP overhead: aioserve vs bare Starlette on uvicorn"),
     ("handle_overhead", "Handle overhead: `await handle.remote()` vs a raw asyncio handoff"),
-    ("router_overhead", "Router overhead"),
-    ("batching", "Batching"),
+    ("router_overhead", "Router overhead: a 3-backend traffic split vs one backend"),
+    ("batching", "Batching: the batch scheduler vs a simulated device's ceiling"),
 )
 
 
