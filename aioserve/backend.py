@@ -15,7 +15,6 @@ slot is never grabbed by a newcomer ahead of the queue. Batching callables go th
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import functools
 import heapq
@@ -37,6 +36,7 @@ from .exceptions import (
 )
 from .metrics import BackendGauges, Metrics
 from .replica import Replica, ReplicaState, UserCallable
+from .request import call_var
 
 __all__ = ["Backend", "validate_backend_config"]
 
@@ -44,11 +44,12 @@ logger = logging.getLogger(__name__)
 
 _INF = math.inf
 
-# Called (if set in the caller's context) when a request has to wait for a replica or a batch: the
-# HTTP edge uses it to start watching for a client that goes away only when that can matter.
-waiting_hook: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
-    "aioserve_waiting_hook", default=None
-)
+
+def _about_to_wait() -> None:
+    # The HTTP edge starts watching for a client that goes away only once its request waits.
+    call = call_var.get()
+    if call is not None and call.waiting_hook is not None:
+        call.waiting_hook()
 
 
 def validate_backend_config(tag: str, user_callable: UserCallable, config: BackendConfig) -> None:
@@ -312,9 +313,7 @@ class Backend:
                 f"Backend {self.tag!r} is overloaded: {self._num_waiting} request(s) already wait "
                 f"for a replica (max_queued_queries={limit}). Retry later."
             )
-        hook = waiting_hook.get()
-        if hook is not None:
-            hook()
+        _about_to_wait()
         loop = asyncio.get_running_loop()
         queue = self._queue
         if len(queue) > 64 and len(queue) > 2 * self._num_waiting:
@@ -447,9 +446,7 @@ class Backend:
             )
             if self.metrics is not None:
                 queue.on_batch = functools.partial(self.metrics.observe_batch, self.tag)
-        hook = waiting_hook.get()
-        if hook is not None:
-            hook()
+        _about_to_wait()
         return await queue.submit(args[0], deadline)
 
     def _batch_dispatcher(self, method: str | None) -> Callable[[list[Any]], Awaitable[Any]]:

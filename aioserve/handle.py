@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._concurrency import TaskOwner, spawn_threadsafe
 from .exceptions import ConfigError, ConfigTypeError, ServeError, ServeShutdown
-from .request import CallContext, call_var, new_request_id
+from .request import CallContext, call_var
 
 if TYPE_CHECKING:
     from .router import Router
@@ -158,22 +158,20 @@ class ServeHandle:
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # This task's own context: a handle call is never "web"; nested calls keep the request id.
-        parent = call_var.get()
-        request_id = parent.request_id if parent is not None else new_request_id()
-        call_var.set(CallContext(request_id, self._endpoint, False))
+        call_var.set(CallContext(self._endpoint, False, None, call_var.get()))
         opts = self._options
         deadline = None
         if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:
             deadline = deadline_from(self._loop, opts.relative_slo_ms, opts.absolute_slo_ms)
+        router = self._router
         try:
-            return await self._router.call(
-                self._endpoint,
-                opts.method_name,
-                args,
-                kwargs,
-                opts.shard_key,
-                deadline,
-                opts.missing_ok,
+            endpoint = router.endpoints.get(self._endpoint)
+            if endpoint is None:
+                if not opts.missing_ok:
+                    raise router.not_found(self._endpoint)
+                endpoint = await router.wait_for_endpoint(self._endpoint)
+            return await router.call_endpoint(
+                endpoint, opts.method_name, args, kwargs, opts.shard_key, deadline
             )
         except asyncio.CancelledError:
             if self._owner.closed:

@@ -8,6 +8,7 @@ result -> response conversion, and the one table that maps errors to HTTP status
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import decimal
@@ -32,7 +33,6 @@ from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
 from ._concurrency import TaskOwner
-from .backend import waiting_hook
 from .exceptions import (
     DeadlineExceeded,
     EndpointNotFound,
@@ -54,8 +54,8 @@ access_logger = logging.getLogger("aioserve.access")
 
 _NO_KWARGS: dict[str, Any] = {}
 
-# A request running longer than this starts watching for its client going away (a queued one
-# starts at once), so quick requests pay for no watcher task.
+# A request still running after a full sweep interval (50-100 ms) starts watching for its client
+# going away (a queued one starts at once); quick requests pay for no task and no timer.
 WATCH_RUNNING_AFTER_S = 0.05
 
 # The one status table of the HTTP edge; the first matching class wins.
@@ -164,6 +164,8 @@ class HTTPApp:
         self.access_log = access_log
         self.running = False
         self._watchers = TaskOwner("HTTP disconnect watchers")
+        self._in_flight: set[_DisconnectWatch] = set()
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self._static: dict[str, _Route] = {}
         self._dynamic: list[_Route] = []
         self.system_routes: dict[str, SystemRoute] = {
@@ -243,28 +245,8 @@ class HTTPApp:
             )
             await response(scope, receive, send)
             return
-        if not self.running:
-            await _plain(503, "This aioserve instance is not running.")(scope, receive, send)
-            return
-        route, params = self._match(path)
-        if route is None:
-            await _plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")(
-                scope, receive, send
-            )
-            return
-        if scope["method"] not in route.methods:
-            allow = ", ".join(sorted(route.methods))
-            response = _plain(
-                405,
-                f"Method {scope['method']} is not allowed at {path!r} (endpoint "
-                f"{route.endpoint.name!r} takes {allow}). See GET /-/routes.",
-                {"Allow": allow},
-            )
-            await response(scope, receive, send)
-            return
-        if params is not None:
-            scope["path_params"] = params
         method_name = shard_key = request_id = None
+        has_body = False
         for key, value in scope["headers"]:
             if key.startswith(b"x-"):
                 if key == b"x-serve-call-method":
@@ -273,44 +255,108 @@ class HTTPApp:
                     shard_key = value.decode("latin-1")
                 elif key == b"x-request-id":
                     request_id = value.decode("latin-1")
+            elif key == b"content-length":
+                has_body = value != b"0"
+            elif key == b"transfer-encoding":
+                has_body = True
         if request_id is None:
             request_id = new_request_id()
+        route, params = self._match(path) if self.running else (None, None)
+        call = CallContext(route.endpoint.name if route is not None else "-", True, request_id)
+        # Reset when the request ends: a host may run the app in a task that goes on after it
+        # (ASGITransport does), and that task is not inside this request any more.
+        token = call_var.set(call)
+        try:
+            if route is None:
+                response = (
+                    _plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")
+                    if self.running
+                    else _plain(503, "This aioserve instance is not running.")
+                )
+            elif scope["method"] not in route.methods:
+                allow = ", ".join(sorted(route.methods))
+                response = _plain(
+                    405,
+                    f"Method {scope['method']} is not allowed at {path!r} (endpoint "
+                    f"{route.endpoint.name!r} takes {allow}). See GET /-/routes.",
+                    {"Allow": allow},
+                )
+            else:
+                if params is not None:
+                    scope["path_params"] = params
+                maybe = await self._call(
+                    scope, receive, send, route, call, method_name, shard_key, has_body
+                )
+                if maybe is None:
+                    return  # the client went away: nobody is left to answer
+                response = maybe
+            response.raw_headers.append((b"x-request-id", request_id.encode("latin-1")))
+            await response(scope, receive, send)
+            if self.access_log:
+                access_logger.info(
+                    '%s "%s %s" %d', request_id, scope["method"], path, response.status_code
+                )
+        finally:
+            call_var.reset(token)
+
+    async def _call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: _Route,
+        call: CallContext,
+        method_name: str | None,
+        shard_key: str | None,
+        has_body: bool,
+    ) -> Response | None:
+        """Run the request through the router; None if its client disconnected meanwhile."""
         deadline = None
         query = scope.get("query_string", b"")
         if query and b"slo_ms" in query:
             deadline = _deadline_from_query(query)
-        call_var.set(CallContext(request_id, route.endpoint.name, True))
         request = Request(scope, receive, send)
-        # Read the body up front: afterwards ``receive()`` only reports a client that went away,
-        # so watching for that cannot steal the handler's body.
-        await request.body()
+        if has_body:
+            # Read the body up front: afterwards ``receive()`` only reports a client that went
+            # away, so watching for that cannot steal the handler's body.
+            await request.body()
         task = asyncio.current_task()
         assert task is not None  # an ASGI app always runs in a task
-        watch = _DisconnectWatch(task, receive, self._watchers)
-        timer = asyncio.get_running_loop().call_later(WATCH_RUNNING_AFTER_S, watch.start)
-        # Reset when the request ends: a host may run the app in a task that goes on calling
-        # handles afterwards (ASGITransport does), and those must not start this watcher.
-        hook_token = waiting_hook.set(watch.start)
+        watch = _DisconnectWatch(task, request, receive, self._watchers)
+        call.waiting_hook = watch.start
+        in_flight = self._in_flight
+        in_flight.add(watch)
+        if self._sweep_timer is None:
+            self._sweep_timer = asyncio.get_running_loop().call_later(
+                WATCH_RUNNING_AFTER_S, self._sweep
+            )
         try:
             result = await self._router.call_endpoint(
                 route.endpoint, method_name, (request,), _NO_KWARGS, shard_key, deadline
             )
-            response = to_response(result)
+            return to_response(result)
         except asyncio.CancelledError:
             if watch.disconnected and task.uncancel() == 0:
-                return  # the client went away: nobody is left to answer
+                return None
             raise
         except Exception as exc:
-            response = self.error_response(exc)
+            return self.error_response(exc)
         finally:
-            timer.cancel()
+            call.waiting_hook = None
+            in_flight.discard(watch)
             watch.stop()
-            waiting_hook.reset(hook_token)
-        response.raw_headers.append((b"x-request-id", request_id.encode("latin-1")))
-        await response(scope, receive, send)
-        if self.access_log:
-            access_logger.info(
-                '%s "%s %s" %d', request_id, scope["method"], path, response.status_code
+
+    def _sweep(self) -> None:
+        """Start watching requests that have run for a sweep interval; one timer per app."""
+        self._sweep_timer = None
+        for watch in self._in_flight:
+            if watch.seen:
+                watch.start()
+            else:
+                watch.seen = True
+        if self._in_flight:
+            self._sweep_timer = asyncio.get_running_loop().call_later(
+                WATCH_RUNNING_AFTER_S, self._sweep
             )
 
     def error_response(self, exc: Exception) -> Response:
@@ -337,6 +383,9 @@ class HTTPApp:
 
     async def aclose(self) -> None:
         """Stop the disconnect watchers."""
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         await self._watchers.aclose()
 
     async def _routes_json(self, request: Request) -> Response:
@@ -353,26 +402,42 @@ class HTTPApp:
 
 
 class _DisconnectWatch:
-    """Cancels a request's task when its client disconnects; started only when that can matter."""
+    """Cancels a request's task when its client disconnects; started only when that can matter:
+    when the request has to wait, or when it has run through a sweep interval."""
 
-    __slots__ = ("_owner", "_receive", "_stopped", "_task", "_watcher", "disconnected")
+    __slots__ = (
+        "_owner",
+        "_receive",
+        "_request",
+        "_stopped",
+        "_task",
+        "_watcher",
+        "disconnected",
+        "seen",
+    )
 
-    def __init__(self, task: asyncio.Task[Any], receive: Receive, owner: TaskOwner) -> None:
+    def __init__(
+        self, task: asyncio.Task[Any], request: Request, receive: Receive, owner: TaskOwner
+    ) -> None:
         self._task = task
+        self._request = request
         self._receive = receive
         self._owner = owner
         self._watcher: asyncio.Task[None] | None = None
         self._stopped = False
         self.disconnected = False
+        self.seen = False
 
     def start(self) -> None:
-        """Start watching (idempotent): the request waits in a queue or has run a while."""
-        # Tasks spawned during the request keep the hook in their context: once the request is
-        # answered, their waits must not start a watcher.
+        """Start watching (idempotent; never once the request is answered)."""
         if self._watcher is None and not self._stopped and not self._owner.closed:
             self._watcher = self._owner.spawn(self._watch())
 
     async def _watch(self) -> None:
+        # First take the body into the request's own cache (for a request without one, the empty
+        # message is already there), so the handler still gets it; then only a disconnect is left.
+        with contextlib.suppress(RuntimeError):  # the handler consumed the stream itself
+            await self._request.body()
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":

@@ -287,7 +287,8 @@ class Replica:
         self._instance_of_serve = instance
         self._thread = ReplicaThread(f"aioserve-{self.replica_tag}")
         self._obj: Any = None
-        self._methods: dict[str | None, tuple[Callable[..., Any], _Kind]] = {}
+        # method -> (bound callable, kind, {number of positional args: call mode})
+        self._methods: dict[str | None, tuple[Callable[..., Any], _Kind, dict[int, _Mode]]] = {}
         self._running: set[asyncio.Task[Any]] = set()
         self._batch_queues: list[BatchQueue[Any, Any]] = []
         self._killed = False
@@ -356,7 +357,7 @@ class Replica:
 
     # -- calls ----------------------------------------------------------------------------------
 
-    def _resolve(self, method: str | None) -> tuple[Callable[..., Any], _Kind]:
+    def _resolve(self, method: str | None) -> tuple[Callable[..., Any], _Kind, dict[int, _Mode]]:
         entry = self._methods.get(method)
         if entry is not None:
             return entry
@@ -385,7 +386,7 @@ class Replica:
                     f"Backend {self.backend_tag!r} ({self.callable.name}) has no method "
                     f"{name!r}. Its public methods: {', '.join(public) or 'none'}."
                 )
-        entry = self._methods[method] = (fn, _kind_of(fn))
+        entry = self._methods[method] = (fn, _kind_of(fn), {})
         return entry
 
     def _owning(self, queue: BatchQueue[Any, Any]) -> None:
@@ -394,9 +395,17 @@ class Replica:
     async def call(self, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run one call on this replica. The caller holds one of its slots; this gives it back."""
         try:
-            fn, kind = self._resolve(method)
-            key = (method, len(args), tuple(kwargs)) if kwargs else (method, len(args))
-            mode = self.callable.mode_for(key, fn, args, kwargs)
+            fn, kind, by_nargs = self._methods.get(method) or self._resolve(method)
+            mode: _Mode | None
+            if kwargs:
+                key: tuple[Any, ...] = (method, len(args), tuple(kwargs))
+                mode = self.callable.mode_for(key, fn, args, kwargs)
+            else:
+                # The common shape (positional arguments only) skips building a key.
+                mode = by_nargs.get(len(args))
+                if mode is None:
+                    key = (method, len(args))
+                    mode = by_nargs[len(args)] = self.callable.mode_for(key, fn, args, kwargs)
             if mode:
                 args, kwargs = _adapt(mode, args, kwargs)
         except BaseException:

@@ -15,21 +15,44 @@ import itertools
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["CallContext", "PythonRequest", "context", "install_log_context", "new_request_id"]
 
 
 class CallContext:
-    """The request being served in this context: its id, its endpoint, whether it is HTTP."""
+    """The request being served in this context: its id, its endpoint, whether it is HTTP.
 
-    __slots__ = ("endpoint", "request_id", "web")
+    One object per request, set once in a context variable; what changes during the request is
+    changed on the object (an attribute write costs less than another context variable).
+    ``waiting_hook``, when set, is called if the request has to wait for a replica or a batch.
+    """
 
-    def __init__(self, request_id: str, endpoint: str, web: bool) -> None:
-        self.request_id = request_id
+    __slots__ = ("_request_id", "endpoint", "parent", "waiting_hook", "web")
+
+    def __init__(
+        self,
+        endpoint: str,
+        web: bool,
+        request_id: str | None = None,
+        parent: CallContext | None = None,
+    ) -> None:
+        self._request_id = request_id
         self.endpoint = endpoint
         self.web = web
+        self.parent = parent
+        self.waiting_hook: Callable[[], None] | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The request's id: given, inherited from the calling request, or made on first use."""
+        request_id = self._request_id
+        if request_id is None:
+            parent = self.parent
+            request_id = parent.request_id if parent is not None else new_request_id()
+            self._request_id = request_id
+        return request_id
 
     def __repr__(self) -> str:
         return f"<CallContext {self.request_id} endpoint={self.endpoint!r} web={self.web}>"

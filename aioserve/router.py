@@ -130,24 +130,6 @@ class Router:
 
     # -- the request path -----------------------------------------------------------------------
 
-    async def call(
-        self,
-        name: str,
-        method: str | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        shard_key: str | None,
-        deadline: float | None,
-        missing_ok: bool = False,
-    ) -> Any:
-        """Route one request to endpoint ``name`` and return the backend's result."""
-        endpoint = self.endpoints.get(name)
-        if endpoint is None:
-            if not missing_ok:
-                raise self.not_found(name)
-            endpoint = await self.wait_for_endpoint(name)
-        return await self.call_endpoint(endpoint, method, args, kwargs, shard_key, deadline)
-
     async def call_endpoint(
         self,
         endpoint: Endpoint,
@@ -170,13 +152,16 @@ class Router:
         series = endpoint.series.get(tag)
         if series is None:
             series = endpoint.series[tag] = self.metrics.series(endpoint.name, tag)
+        # The metrics clock is perf_counter: the end time also places the request in its second.
         start = time.perf_counter()
         try:
             result = await self._backends[tag].call(method, args, kwargs, deadline)
         except Exception:
-            series.observe(time.perf_counter() - start, True)
+            end = time.perf_counter()
+            series.observe(end - start, True, end)
             raise
-        series.observe(time.perf_counter() - start, False)
+        end = time.perf_counter()
+        series.observe(end - start, False, end)
         return result
 
     def _send_shadows(
