@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 class Greeter:
@@ -55,3 +56,19 @@ class Gate:
         """Wait until ``n`` handlers are inside at once (fails after ``timeout_s``)."""
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(lambda: self.inside >= n), timeout_s)
+
+
+async def loop_turns(n: int = 5) -> None:
+    """Let the loop run every ready callback a few times: enough for spawned requests to reach
+    their replica or the queue. Not a guess at timing: nothing here waits on a clock."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def gated(gate: Gate) -> Any:
+    """An async handler that passes through ``gate``."""
+
+    async def handler(x: Any = None) -> Any:
+        return await gate.pass_through(x)
+
+    return handler

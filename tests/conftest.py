@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
+from _sample_backends import Gate
 
 import aioserve
 from aioserve import Serve
@@ -41,3 +45,44 @@ def client() -> Iterator[aioserve.Client]:
         yield instance
     finally:
         instance.shutdown()
+
+
+@pytest.fixture
+async def no_loop_errors() -> AsyncIterator[None]:
+    """Fail a test that leaves an unretrieved future exception or a destroyed pending task.
+
+    Opt-in per module (``pytestmark``): the collection it runs costs tens of ms per test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield
+    gc.collect()
+    loop.set_exception_handler(None)
+    assert errors == []
+
+
+def shutdown_all() -> None:
+    """Stop whatever facade instance is current, so a test starts (and ends) with none running."""
+    for _ in range(100):
+        try:
+            aioserve.connect()
+        except aioserve.ServeError:
+            return
+        aioserve.shutdown()
+    raise AssertionError("serve.shutdown() did not stop the current instance")
+
+
+@pytest.fixture
+def no_instance_left() -> Iterator[None]:
+    """For tests of the module-level functions: no current instance before or after."""
+    shutdown_all()
+    yield
+    shutdown_all()
+
+
+@pytest.fixture
+async def gate(serve: Serve) -> AsyncIterator[Gate]:
+    """Depends on ``serve`` so that it is opened before the instance drains on teardown."""
+    g = Gate()
+    yield g
+    g.release.set()

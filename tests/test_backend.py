@@ -7,11 +7,11 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _sample_backends import Gate
+from _sample_backends import Gate, loop_turns
 
 import aioserve
 from aioserve import (
@@ -33,21 +33,6 @@ async def deploy(
     await serve.create_backend(tag, target, *init_args, config=config)
     await serve.create_endpoint(tag, backend=tag)
     return serve.get_handle(tag)
-
-
-async def loop_turns(n: int = 5) -> None:
-    # Let the loop run every ready callback a few times: enough for spawned requests to reach
-    # their replica or the queue. Not a guess at timing: nothing here waits on a clock.
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def gate(serve: Serve) -> AsyncIterator[Gate]:
-    """Depends on ``serve`` so that it is opened before the instance drains on teardown."""
-    g = Gate()
-    yield g
-    g.release.set()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import gc
 import inspect
 import logging
 import time
@@ -35,19 +34,9 @@ from aioserve.exceptions import (
     ServeShutdown,
 )
 
+pytestmark = pytest.mark.usefixtures("no_loop_errors")
+
 LONG = 3600.0  # a batch wait timeout no test may reach
-
-
-@pytest.fixture(autouse=True)
-async def no_loop_errors() -> Any:
-    """Fail a test that leaves an unretrieved future exception or a destroyed pending task."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield
-    gc.collect()
-    loop.set_exception_handler(None)
-    assert errors == []
 
 
 class Recorder:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import socket
 from collections.abc import AsyncIterator, Generator
 from typing import Any
@@ -27,17 +26,7 @@ from starlette.routing import Mount, Route
 import aioserve
 from aioserve.serve import ServeState
 
-
-@pytest.fixture(autouse=True)
-async def no_loop_errors() -> AsyncIterator[None]:
-    """Fail a test that leaves an unretrieved future exception or a destroyed pending task."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield
-    gc.collect()
-    loop.set_exception_handler(None)
-    assert errors == []
+pytestmark = pytest.mark.usefixtures("no_loop_errors")
 
 
 class ReadyServer(uvicorn.Server):

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from _sample_backends import Gate
+from _sample_backends import Gate, gated, loop_turns
 from starlette.requests import Request
 
 import aioserve
@@ -33,28 +32,6 @@ async def deploy(
     await serve.create_backend(tag, target, *init_args, config=config)
     await serve.create_endpoint(tag, backend=tag, route=route)
     return serve.get_handle(tag)
-
-
-async def loop_turns(n: int = 5) -> None:
-    # Let the loop run every ready callback a few times: enough for spawned requests to reach
-    # their replica or the queue. Not a guess at timing: nothing here waits on a clock.
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def gate(serve: Serve) -> AsyncIterator[Gate]:
-    """Depends on ``serve`` so that it is opened before the instance drains on teardown."""
-    g = Gate()
-    yield g
-    g.release.set()
-
-
-def gated(gate: Gate) -> Any:
-    async def handler(x: Any = None) -> Any:
-        return await gate.pass_through(x)
-
-    return handler
 
 
 # -- remote() -----------------------------------------------------------------------------------

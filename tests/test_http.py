@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import socket
 import time
@@ -35,19 +34,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import aioserve
 from aioserve import Serve
 
+pytestmark = pytest.mark.usefixtures("no_loop_errors")
+
 HANG_GUARD_S = 10.0  # turns a hang (e.g. a buffered stream) into a failure; never reached when OK
-
-
-@pytest.fixture(autouse=True)
-async def no_loop_errors() -> AsyncIterator[None]:
-    """Fail a test that leaves an unretrieved future exception or a destroyed pending task."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield
-    gc.collect()
-    loop.set_exception_handler(None)
-    assert errors == []
 
 
 async def deploy(

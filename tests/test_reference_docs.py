@@ -62,22 +62,7 @@ def body_value(response: requests.Response) -> Any:
     return response.text
 
 
-def shutdown_all() -> None:
-    """Stop whatever instance is current, so each test starts (and ends) with none running."""
-    for _ in range(100):
-        try:
-            serve.connect()
-        except serve.ServeError:
-            return
-        serve.shutdown()
-    raise AssertionError("serve.shutdown() did not stop the current instance")
-
-
-@pytest.fixture(autouse=True)
-def no_instance_left() -> Iterator[None]:
-    shutdown_all()
-    yield
-    shutdown_all()
+pytestmark = pytest.mark.usefixtures("no_instance_left")
 
 
 @pytest.fixture
