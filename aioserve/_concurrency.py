@@ -19,12 +19,22 @@ from typing import Any, ParamSpec, TypeVar
 
 from .exceptions import ServeShutdown
 
-__all__ = ["ReplicaThread", "TaskOwner", "spawn_threadsafe"]
+__all__ = ["ReplicaThread", "TaskOwner", "new_event_loop", "spawn_threadsafe"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (``aioserve[fast]``), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 class TaskOwner:
@@ -55,13 +65,6 @@ class TaskOwner:
 
     def __repr__(self) -> str:
         return f"<TaskOwner {self.name!r} tasks={len(self._tasks)} closed={self._closed}>"
-
-    async def wait(self, timeout_s: float | None) -> bool:
-        """Wait for the tasks running now to finish; True if they all did within ``timeout_s``."""
-        if not self._tasks:
-            return True
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        return not pending
 
     async def aclose(self) -> None:
         """Refuse new tasks, cancel the running ones and wait until they have ended. Idempotent."""

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from ._concurrency import new_event_loop
 from .config import BackendConfig, HTTPOptions
 from .exceptions import ServeError, ServeShutdown
 from .handle import ServeHandle
@@ -26,7 +27,7 @@ class _LoopThread:
     """A daemon thread running one event loop until stopped."""
 
     def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
