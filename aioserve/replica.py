@@ -128,6 +128,7 @@ class _Mode(enum.IntEnum):
 
 
 _PLACEHOLDER = object()
+_NO_KWARGS: dict[str, Any] = {}  # never mutated: only ever unpacked with **
 
 
 class UserCallable:
@@ -261,7 +262,7 @@ def _adapt(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if mode is _Mode.REQUEST_FIRST:
         return (PythonRequest(None, kwargs), *args), kwargs
-    return (PythonRequest(args[0] if args else None, kwargs),), {}
+    return (PythonRequest(args[0] if args else None, kwargs),), _NO_KWARGS
 
 
 class Replica:

@@ -135,7 +135,8 @@ class PythonRequest:
 
     def __init__(self, body: Any = None, query_params: Mapping[str, Any] | None = None) -> None:
         self._body = body
-        self.query_params: dict[str, Any] = dict(query_params or {})
+        # A copy, so that a handler changing it changes nothing the caller holds.
+        self.query_params: dict[str, Any] = dict(query_params) if query_params else {}
 
     @property
     def args(self) -> dict[str, Any]:
