@@ -44,16 +44,34 @@ class TaskOwner:
         self.name = name
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._prune_at = 64
 
-    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
-        """Start ``coro`` as a task owned here. Raises :class:`ServeShutdown` once closed."""
+    def spawn(
+        self, coro: Coroutine[Any, Any, T], *, name: str | None = None, self_removing: bool = False
+    ) -> asyncio.Task[T]:
+        """Start ``coro`` as a task owned here. Raises :class:`ServeShutdown` once closed.
+
+        With ``self_removing`` the coroutine calls :meth:`discard` on its own task when it ends
+        (cheaper than a done callback, which costs a loop callback per task); the few that never
+        get to (cancelled before they ran) are pruned whenever the set has doubled.
+        """
         if self._closed:
             coro.close()
             raise ServeShutdown(f"{self.name} is closed; no new work is accepted.")
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks = self._tasks
+        tasks.add(task)
+        if not self_removing:
+            task.add_done_callback(tasks.discard)
+        elif len(tasks) > self._prune_at:
+            self._tasks = tasks = {t for t in tasks if not t.done()}
+            self._prune_at = max(64, 2 * len(tasks))
         return task
+
+    def discard(self, task: asyncio.Task[Any] | None) -> None:
+        """Forget a finished task (see ``self_removing``)."""
+        if task is not None:
+            self._tasks.discard(task)
 
     def __len__(self) -> int:
         return len(self._tasks)

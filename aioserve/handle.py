@@ -160,11 +160,11 @@ class ServeHandle:
         # This task's own context: a handle call is never "web"; nested calls keep the request id.
         call_var.set(CallContext(self._endpoint, False, None, call_var.get()))
         opts = self._options
-        deadline = None
-        if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:
-            deadline = deadline_from(self._loop, opts.relative_slo_ms, opts.absolute_slo_ms)
         router = self._router
         try:
+            deadline = None
+            if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:
+                deadline = deadline_from(self._loop, opts.relative_slo_ms, opts.absolute_slo_ms)
             endpoint = router.endpoints.get(self._endpoint)
             if endpoint is None:
                 if not opts.missing_ok:
@@ -180,6 +180,8 @@ class ServeHandle:
                     "The aioserve instance was shut down before the call finished."
                 ) from None
             raise
+        finally:
+            self._owner.discard(asyncio.current_task())
 
     def remote(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Send a request; returns an awaitable of its result. The request starts at once."""
@@ -193,7 +195,7 @@ class ServeHandle:
                 "sync handle: serve.get_handle(name) (sync=True is the default there)."
             ) from None
         if running is self._loop:
-            return self._owner.spawn(coro)
+            return self._owner.spawn(coro, self_removing=True)
         return asyncio.wrap_future(spawn_threadsafe(self._owner, self._loop, coro), loop=running)
 
     def on_own_loop(self) -> bool:

@@ -171,3 +171,22 @@ async def test_replica_thread_runs_calls_in_order_off_the_loop_thread() -> None:
     assert [i for i, _ in seen] == list(range(20))  # one at a time, in order
     idents = {ident for _, ident in seen}
     assert len(idents) == 1 and loop_thread not in idents
+
+
+async def test_self_removing_tasks_leave_the_owner_and_never_accumulate() -> None:
+    owner = TaskOwner("handles")
+
+    async def work() -> int:
+        try:
+            return 1
+        finally:
+            owner.discard(asyncio.current_task())
+
+    assert await owner.spawn(work(), self_removing=True) == 1
+    assert len(owner) == 0  # removed by the task itself, no loop turn needed
+    # Tasks cancelled before they ever ran cannot remove themselves: pruning bounds them.
+    for _ in range(1000):
+        owner.spawn(work(), self_removing=True).cancel()
+        await asyncio.sleep(0)  # one loop turn: the cancelled task finishes
+    assert len(owner) <= 130
+    await owner.aclose()
