@@ -92,6 +92,8 @@ class TaskOwner:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Self-removing tasks that never ran are still listed: they are done now.
+            self._tasks.difference_update(tasks)
 
 
 class ReplicaThread:
