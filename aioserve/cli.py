@@ -10,7 +10,7 @@ TARGET is one of:
 - ``module:attr`` naming a :class:`~aioserve.Serve` instance (started as configured; ``--host`` and
   ``--port``, when given, replace its host and port) or an ``async def setup(serve: Serve) -> None``
   (called once the instance has started, to create backends and endpoints);
-- a path ending in ``.toml``: a declarative deployment, described below.
+- a path ending in ``.toml``: a declarative deployment (see :mod:`aioserve.deployment`).
 
 The current directory is put on ``sys.path`` first, as uvicorn does, so
 ``examples.deployment:setup`` imports from where the command runs. Once the deployment is built,
@@ -31,38 +31,11 @@ deployment is applied only when nothing was restored; once the file holds state,
 state is served as it is and the TARGET's deployment is skipped (a warning says so). Not with
 ``--workers``, nor with a ``Serve`` instance (give that one its own ``kv_store_path``).
 
-The TOML deployment file (read with the stdlib ``tomllib``)::
-
-    [http]                      # optional; --host/--port override host and port
-    host = "127.0.0.1"
-    port = 8000
-    root_path = ""
-
-    [[backends]]                # any number
-    tag = "greeter"             # required, unique
-    target = "pkg.module:Name"  # required: a function or class, by import path
-    init_args = ["hello"]       # optional: constructor arguments of a class
-    [backends.config]           # optional: BackendConfig fields
-    num_replicas = 2
-    user_config = { punctuation = "!" }
-
-    [[endpoints]]               # any number
-    name = "greet"              # required, unique
-    backend = "greeter"         # optional: all traffic to one backend ...
-    route = "/greet"            # optional: without it the endpoint is reachable by handle only
-    methods = ["GET", "POST"]   # optional, default ["GET"]
-    traffic = { greeter = 1.0 } # ... or a split by weight (not both)
-    shadows = { other = 0.1 }   # optional: backend -> proportion of requests copied to it
-
-The whole file is checked before anything starts: unknown keys, wrong types, missing required
-keys, bad config values, unknown backends in ``backend``/``traffic``/``shadows``, weights not
-summing to 1.
-Each error is reported as ``FILE:LINE: key.path: message`` (for example
-``deployment.toml:14: backends[1].config.num_replicas: num_replicas must be >= 1, got 0.``); array
-indexes count from 0. tomllib gives no positions, so the line is found by scanning the text for the
-key: best effort (the line of the nearest enclosing key when the key itself is not found). Errors
-that only ``Serve`` can detect while building (a constructor that raises, ``max_batch_size`` on a
-callable that does not batch) are reported the same way after shutting down what started.
+A TOML deployment file (its schema, and how its errors are reported as
+``FILE:LINE: key.path: message``: see :mod:`aioserve.deployment`) is checked whole before anything
+starts, and every problem is reported. Errors that only ``Serve`` can detect while building (a
+constructor that raises, ``max_batch_size`` on a callable that does not batch) are reported the same
+way after shutting down what started.
 
 Exit codes: 0 after a signal, 2 for a bad TARGET, file or option (nothing started, or what started
 has been shut down), 1 for other failures (a port in use, a backend constructor that raised).
@@ -77,13 +50,11 @@ import inspect
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
 import sys
 import threading
-import tomllib
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from pathlib import Path
@@ -91,9 +62,10 @@ from typing import Any
 
 import uvicorn
 
-from .config import BackendConfig, HTTPOptions
-from .exceptions import BindError, ConfigError, ConfigTypeError, ServeError
-from .policy import validate_shadow_proportion, validate_traffic
+from ._concurrency import new_event_loop
+from .config import HTTPOptions
+from .deployment import Deployment, DeploymentError, load_deployment
+from .exceptions import BindError, ConfigError, ConfigTypeError
 from .replica import import_attr
 from .serve import Serve
 
@@ -125,395 +97,6 @@ def _exit_code(exc: BaseException) -> int:
     return 2 if isinstance(exc, ConfigError | ConfigTypeError) else 1
 
 
-# -- locating keys in a TOML text ------------------------------------------------------------------
-
-KeyPath = tuple[str | int, ...]
-
-_BARE = r"[A-Za-z0-9_-]+"
-_BASIC = r'"(?:[^"\\]|\\.)*"'
-_LITERAL = r"'[^']*'"
-_KEY_PART = f"(?:{_BARE}|{_BASIC}|{_LITERAL})"
-_DOTTED = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
-_HEADER_RE = re.compile(rf"^\s*(\[\[?)\s*({_DOTTED})\s*\]\]?\s*(?:#.*)?$")
-_KEY_RE = re.compile(rf"^\s*({_DOTTED})\s*=(.*)$")
-_INLINE_KEY_RE = re.compile(rf"[{{,]\s*({_KEY_PART})\s*=")
-_PART_RE = re.compile(_KEY_PART)
-
-
-def _key_parts(dotted: str) -> list[str]:
-    parts = []
-    for token in _PART_RE.findall(dotted):
-        if token.startswith('"'):
-            try:
-                parts.append(json.loads(token))
-            except ValueError:
-                parts.append(token[1:-1])
-        elif token.startswith("'"):
-            parts.append(token[1:-1])
-        else:
-            parts.append(token)
-    return parts
-
-
-def _format_key_path(path: KeyPath) -> str:
-    """``("backends", 1, "config", "num_replicas")`` -> ``backends[1].config.num_replicas``."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            text = part if re.fullmatch(_BARE, part) else json.dumps(part)
-            out += f".{text}" if out else text
-    return out
-
-
-class _KeyLines:
-    """Best-effort map from key paths to the line that defines them (tomllib has no positions)."""
-
-    def __init__(self, text: str) -> None:
-        self._lines: dict[KeyPath, int] = {}
-        self._arrays: dict[KeyPath, int] = {}  # array-of-tables path -> current index
-        table: KeyPath = ()
-        in_multiline: str | None = None
-        for number, line in enumerate(text.splitlines(), start=1):
-            if in_multiline is not None:
-                if line.count(in_multiline) % 2 == 1:
-                    in_multiline = None
-                continue
-            header = _HEADER_RE.match(line)
-            if header is not None:
-                table = self._header(header.group(1) == "[[", _key_parts(header.group(2)), number)
-                continue
-            key = _KEY_RE.match(line)
-            if key is None:
-                continue
-            path = table + tuple(_key_parts(key.group(1)))
-            self._lines.setdefault(path, number)
-            value = key.group(2)
-            for quote in ('"""', "'''"):
-                if value.count(quote) % 2 == 1:
-                    in_multiline = quote
-            if value.lstrip().startswith("{"):
-                for inner in _INLINE_KEY_RE.finditer(value):
-                    self._lines.setdefault(path + tuple(_key_parts(inner.group(1))), number)
-
-    def _resolve(self, parts: list[str]) -> KeyPath:
-        out: list[str | int] = []
-        for part in parts:
-            out.append(part)
-            index = self._arrays.get(tuple(out))
-            if index is not None:
-                out.append(index)
-        return tuple(out)
-
-    def _header(self, is_array: bool, parts: list[str], number: int) -> KeyPath:
-        if not is_array:
-            path = self._resolve(parts)
-            self._lines.setdefault(path, number)
-            return path
-        key = (*self._resolve(parts[:-1]), parts[-1])
-        index = self._arrays.get(key, -1) + 1
-        self._arrays[key] = index
-        self._lines.setdefault(key, number)
-        self._lines.setdefault((*key, index), number)
-        return (*key, index)
-
-    def find(self, path: KeyPath) -> int | None:
-        """The line of ``path``, or of its nearest enclosing key that was found."""
-        for end in range(len(path), 0, -1):
-            line = self._lines.get(path[:end])
-            if line is not None:
-                return line
-        return None
-
-
-# -- the TOML deployment ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _BackendSpec:
-    path: KeyPath
-    tag: str
-    target: str
-    init_args: list[Any]
-    config: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class _EndpointSpec:
-    path: KeyPath
-    name: str
-    backend: str | None
-    route: str | None
-    methods: list[str]
-    traffic: dict[str, float]
-    shadows: dict[str, float]
-
-
-_TOP_KEYS = ("http", "backends", "endpoints")
-_HTTP_KEYS = ("host", "port", "root_path")
-_BACKEND_KEYS = ("tag", "target", "init_args", "config")
-_ENDPOINT_KEYS = ("name", "backend", "route", "methods", "traffic", "shadows")
-
-
-def _type_name(value: object) -> str:
-    names = {dict: "a table", list: "an array", str: "a string", bool: "a boolean"}
-    return names.get(type(value), f"{type(value).__name__} {value!r}")
-
-
-class _Deployment:
-    """A validated TOML deployment file: what to create, and where each key is in the file."""
-
-    def __init__(self, source: str, text: str) -> None:
-        self.source = source
-        self._lines = _KeyLines(text)
-        self._errors: list[str] = []
-        self.http: dict[str, Any] = {}
-        self.backends: list[_BackendSpec] = []
-        self.endpoints: list[_EndpointSpec] = []
-        # Every backend tag, endpoint name and route declared, valid or not.
-        self._tags: dict[str, KeyPath] = {}
-        self._names: dict[str, KeyPath] = {}
-        self._routes: dict[str, KeyPath] = {}
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            line = re.search(r"at line (\d+)", str(exc))
-            where = f"{source}:{line.group(1)}" if line else source
-            raise _CLIError(f"{where}: invalid TOML: {exc}") from None
-        self._check(data)
-        if self._errors:
-            count = len(self._errors)
-            head = f"{source} has {count} error{'s' if count > 1 else ''}; nothing was started."
-            raise _CLIError("\n".join([head, *self._errors]))
-
-    @classmethod
-    def load(cls, spec: str) -> _Deployment:
-        """Read and check the file ``spec``; :class:`_CLIError` listing every problem."""
-        try:
-            text = Path(spec).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise _CLIError(f"No such deployment file: {spec!r}.") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _CLIError(f"Cannot read the deployment file {spec!r}: {exc}.") from None
-        return cls(spec, text)
-
-    def locate(self, path: KeyPath, message: str) -> str:
-        """``FILE:LINE: key.path: message`` (without the line when it cannot be found)."""
-        line = self._lines.find(path)
-        where = f"{self.source}:{line}" if line is not None else self.source
-        return f"{where}: {_format_key_path(path)}: {message}"
-
-    def _error(self, path: KeyPath, message: str) -> None:
-        self._errors.append(self.locate(path, message))
-
-    # -- validation -----------------------------------------------------------------------------
-
-    def _keys(self, table: dict[str, Any], path: KeyPath, known: tuple[str, ...]) -> None:
-        for key in table:
-            if key not in known:
-                self._error(
-                    (*path, key), f"unknown key {key!r}. Known keys here: {', '.join(known)}."
-                )
-
-    def _string(
-        self, table: dict[str, Any], path: KeyPath, key: str, *, required: bool
-    ) -> str | None:
-        value = table.get(key)
-        if value is None:
-            if required:
-                self._error(path, f"missing required key {key!r} (a non-empty string).")
-            return None
-        if not isinstance(value, str) or not value:
-            self._error((*path, key), f"must be a non-empty string, got {_type_name(value)}.")
-            return None
-        return value
-
-    def _array_of_tables(self, data: dict[str, Any], key: str) -> list[dict[str, Any]]:
-        value = data.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            self._error(
-                (key,), f"must be an array of tables ([[{key}]] sections), got {_type_name(value)}."
-            )
-            return []
-        return value
-
-    def _check(self, data: dict[str, Any]) -> None:
-        self._keys(data, (), _TOP_KEYS)
-        http = data.get("http", {})
-        if isinstance(http, dict):
-            self._check_http(http)
-        else:
-            self._error(("http",), f"must be a table ([http]), got {_type_name(http)}.")
-        for index, table in enumerate(self._array_of_tables(data, "backends")):
-            self._check_backend(("backends", index), table)
-        for index, table in enumerate(self._array_of_tables(data, "endpoints")):
-            self._check_endpoint(("endpoints", index), table)
-
-    def _check_http(self, table: dict[str, Any]) -> None:
-        self._keys(table, ("http",), _HTTP_KEYS)
-        for key in _HTTP_KEYS:
-            if key not in table:
-                continue
-            try:
-                HTTPOptions(**{key: table[key]})
-            except ServeError as exc:
-                self._error(("http", key), str(exc))
-            else:
-                self.http[key] = table[key]
-
-    def _check_backend(self, path: KeyPath, table: dict[str, Any]) -> None:
-        ok = len(self._errors)
-        self._keys(table, path, _BACKEND_KEYS)
-        tag = self._string(table, path, "tag", required=True)
-        target = self._string(table, path, "target", required=True)
-        if tag is not None:
-            other = self._tags.setdefault(tag, path)
-            if other != path:
-                self._error(
-                    (*path, "tag"),
-                    f"backend tag {tag!r} is already used by {_format_key_path(other)}.",
-                )
-        if target is not None:
-            try:
-                obj = import_attr(target)
-            except ConfigError as exc:
-                self._error((*path, "target"), str(exc))
-            else:
-                if not callable(obj):
-                    self._error(
-                        (*path, "target"),
-                        f"{target!r} is {obj!r} of type {type(obj).__name__}, "
-                        f"not a function or a class.",
-                    )
-        init_args = table.get("init_args", [])
-        if not isinstance(init_args, list):
-            self._error((*path, "init_args"), f"must be an array, got {_type_name(init_args)}.")
-        config = table.get("config", {})
-        if not isinstance(config, dict):
-            self._error((*path, "config"), f"must be a table, got {_type_name(config)}.")
-            config = {}
-        for key, value in config.items():
-            try:
-                BackendConfig.coerce({key: value})
-            except ServeError as exc:
-                self._error((*path, "config", key), str(exc))
-        if len(self._errors) == ok:
-            try:
-                BackendConfig.coerce(config)
-            except ServeError as exc:
-                self._error((*path, "config"), str(exc))
-        if len(self._errors) == ok and tag is not None and target is not None:
-            self.backends.append(_BackendSpec(path, tag, target, list(init_args), dict(config)))
-
-    def _tag(self, path: KeyPath, tag: str) -> bool:
-        if tag in self._tags:
-            return True
-        known = ", ".join(map(repr, self._tags)) or "none"
-        self._error(path, f"no backend tagged {tag!r} in this file. Backends: {known}.")
-        return False
-
-    def _check_endpoint(self, path: KeyPath, table: dict[str, Any]) -> None:
-        ok = len(self._errors)
-        self._keys(table, path, _ENDPOINT_KEYS)
-        name = self._string(table, path, "name", required=True)
-        backend = self._string(table, path, "backend", required=False)
-        route = self._string(table, path, "route", required=False)
-        if name is not None:
-            other = self._names.setdefault(name, path)
-            if other != path:
-                self._error(
-                    (*path, "name"),
-                    f"endpoint name {name!r} is already used by {_format_key_path(other)}.",
-                )
-        if route is not None:
-            other = self._routes.setdefault(route, path)
-            if not route.startswith("/"):
-                self._error((*path, "route"), f"must start with '/', got {route!r}.")
-            elif other != path:
-                self._error(
-                    (*path, "route"),
-                    f"route {route!r} is already used by {_format_key_path(other)}.",
-                )
-        if backend is not None:
-            self._tag((*path, "backend"), backend)
-        methods = table.get("methods", ["GET"])
-        if (
-            not isinstance(methods, list)
-            or not methods
-            or not all(isinstance(m, str) and m for m in methods)
-        ):
-            self._error(
-                (*path, "methods"),
-                f'must be a non-empty array of strings like ["GET"], got {methods!r}.',
-            )
-        traffic: dict[str, float] = {}
-        if "traffic" in table:
-            if backend is not None:
-                self._error((*path, "traffic"), "give either 'backend' or 'traffic', not both.")
-            traffic = self._traffic((*path, "traffic"), table["traffic"])
-        shadows = self._shadows((*path, "shadows"), table.get("shadows", {}))
-        if len(self._errors) == ok and name is not None:
-            self.endpoints.append(
-                _EndpointSpec(path, name, backend, route, list(methods), traffic, shadows)
-            )
-
-    def _traffic(self, path: KeyPath, traffic: object) -> dict[str, float]:
-        if not isinstance(traffic, dict):
-            self._error(path, f"must be a table of backend = weight, got {_type_name(traffic)}.")
-            return {}
-        known = [self._tag((*path, tag), tag) for tag in traffic]
-        if not all(known):
-            return {}
-        try:
-            return validate_traffic(traffic, self._tags)
-        except ServeError as exc:
-            self._error(path, str(exc))
-            return {}
-
-    def _shadows(self, path: KeyPath, shadows: object) -> dict[str, float]:
-        if not isinstance(shadows, dict):
-            self._error(
-                path, f"must be a table of backend = proportion, got {_type_name(shadows)}."
-            )
-            return {}
-        out: dict[str, float] = {}
-        for tag, proportion in shadows.items():
-            if not self._tag((*path, tag), tag):
-                continue
-            try:
-                out[tag] = validate_shadow_proportion(proportion)
-            except ServeError as exc:
-                self._error((*path, tag), str(exc))
-        return out
-
-    # -- building -------------------------------------------------------------------------------
-
-    async def _step(self, path: KeyPath, call: Coroutine[Any, Any, None]) -> None:
-        try:
-            await call
-        except ServeError as exc:
-            details = "" if isinstance(exc, ConfigError | ConfigTypeError) else _traceback(exc)
-            raise _CLIError(self.locate(path, str(exc)), _exit_code(exc), details=details) from exc
-
-    async def build(self, serve: Serve) -> None:
-        """Create the backends, then the endpoints with their traffic and shadows, in file order."""
-        for b in self.backends:
-            await self._step(
-                b.path, serve.create_backend(b.tag, b.target, *b.init_args, config=b.config)
-            )
-        for e in self.endpoints:
-            await self._step(
-                e.path, serve.create_endpoint(e.name, e.backend, route=e.route, methods=e.methods)
-            )
-            if e.traffic:
-                await self._step((*e.path, "traffic"), serve.set_traffic(e.name, e.traffic))
-            for tag, proportion in e.shadows.items():
-                await self._step(
-                    (*e.path, "shadows", tag), serve.shadow_traffic(e.name, tag, proportion)
-                )
-
-
 def _traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip()
 
@@ -528,7 +111,7 @@ class _Target:
     """What ``run`` serves: a TOML deployment, an async setup function, or a Serve instance."""
 
     spec: str
-    deployment: _Deployment | None = None
+    deployment: Deployment | None = None
     setup: Setup | None = None
     instance: Serve | None = None
 
@@ -536,7 +119,10 @@ class _Target:
     def load(cls, spec: str) -> _Target:
         """Resolve TARGET; :class:`_CLIError` (exit 2) when it is not something ``run`` serves."""
         if spec.endswith(".toml"):
-            return cls(spec, deployment=_Deployment.load(spec))
+            try:
+                return cls(spec, deployment=load_deployment(spec))
+            except DeploymentError as exc:
+                raise _CLIError(str(exc)) from None
         module, _, attr = spec.partition(":")
         if not module or not attr:
             raise _CLIError(
@@ -634,7 +220,13 @@ class _Target:
             )
             return
         if self.deployment is not None:
-            await self.deployment.build(serve)
+            try:
+                await self.deployment.apply(serve)
+            except DeploymentError as exc:
+                cause = exc.__cause__ if exc.__cause__ is not None else exc
+                config = isinstance(cause, ConfigError | ConfigTypeError)
+                details = "" if config else _traceback(cause)
+                raise _CLIError(str(exc), _exit_code(cause), details=details) from exc
         elif self.setup is not None:
             try:
                 await self.setup(serve)
@@ -943,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args.log_level)
         if args.workers > 1:
             return _run_workers(target, args, address)
-        return asyncio.run(_run_one(target, address, args.kv_store_path))
+        # uvloop when installed (aioserve[fast]), as uvicorn itself would choose.
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(_run_one(target, address, args.kv_store_path))
     except _CLIError as exc:
         _report(exc)
         return exc.code

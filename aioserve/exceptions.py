@@ -5,6 +5,7 @@ exception a caller would naturally catch: ``except KeyError`` and ``except Serve
 
     ServeError (Exception)                      alias: RayServeException
     ├── ConfigError (ValueError)                bad config value, unknown field, invalid argument
+    │   ├── DeploymentError (ValueError)        errors in a TOML deployment file (deployment.py)
     │   ├── RouteConflict (ValueError)          duplicate endpoint name or route
     │   ├── BackendNotFound (ValueError)        no backend with that tag
     │   └── BackendInUse (ValueError)           delete_backend while traffic or shadows use it
@@ -18,6 +19,7 @@ exception a caller would naturally catch: ``except KeyError`` and ``except Serve
     ├── BackendError (RuntimeError)             a constructor or reconfigure() raised
     ├── ReplicaStopped (RuntimeError)           the replica serving the request was stopped (force)
     ├── ServeShutdown (RuntimeError)            the instance has been shut down
+    ├── StoreError (ValueError)                 a state file that is corrupt or not ours (store.py)
     └── BindError (OSError)                     the HTTP server could not bind its address
 
 This module imports nothing of the package.

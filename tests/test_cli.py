@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from aioserve import cli
+from aioserve.deployment import _format_key_path, _KeyLines, load_deployment
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_TOML = "examples/deployment.toml"
@@ -506,7 +507,7 @@ def test_lines_are_found_past_multiline_strings_and_in_nested_arrays() -> None:
         "[[backends.items]]\n"
         "x = 1\n"
     )
-    lines = cli._KeyLines(text)
+    lines = _KeyLines(text)
     assert lines.find(("doc",)) == 1
     assert lines.find(("backends", 0)) == 5
     assert lines.find(("backends", 0, "config", "user_config", "a")) == 7
@@ -514,12 +515,12 @@ def test_lines_are_found_past_multiline_strings_and_in_nested_arrays() -> None:
     assert lines.find(("backends", 1, "items", 1, "x")) == 11
     assert lines.find(("backends", 1, "items", 1, "nope")) == 10
     assert lines.find(("nothing",)) is None
-    assert cli._format_key_path(("traffic", "my tag", 0)) == 'traffic."my tag"[0]'
+    assert _format_key_path(("traffic", "my tag", 0)) == 'traffic."my tag"[0]'
 
 
 @pytest.mark.usefixtures("in_repo")
 def test_the_example_file_is_valid() -> None:
-    deployment = cli._Deployment.load(EXAMPLE_TOML)
+    deployment = load_deployment(EXAMPLE_TOML)
     assert [b.tag for b in deployment.backends] == ["hello", "greeter-fr", "greeter-en", "pid"]
     assert [e.name for e in deployment.endpoints] == ["hello", "greet", "pid"]
     assert deployment.endpoints[1].traffic == {"greeter-fr": 0.5, "greeter-en": 0.5}

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "client": 7,
     "api": 7,
     "cli": 7,
+    "deployment": 7,
     "__main__": 7,
     "__init__": 7,
 }
