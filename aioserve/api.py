@@ -140,10 +140,10 @@ def shutdown() -> None:
         client = connect()
     except ServeError:
         return
+    client.shutdown()  # raises, changing nothing, when called from inside the instance
     with _lock:
         if client in _clients:
             _clients.remove(client)
-    client.shutdown()
 
 
 @atexit.register

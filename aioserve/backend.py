@@ -259,7 +259,9 @@ class Backend:
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, TimeoutError):
                     raise result
-        self._fail_waiters(ServeShutdown(f"Backend {self.tag!r} was deleted."))
+        self._fail_waiters(
+            ServeShutdown(f"Backend {self.tag!r} stopped before the request could start.")
+        )
         for queue in queues:
             await queue.aclose()
         for replica in self.replicas:
@@ -280,7 +282,7 @@ class Backend:
     ) -> Any:
         """Run one request on a replica of this backend and return its result."""
         if self.state is not ReplicaState.RUNNING:
-            raise ServeShutdown(f"Backend {self.tag!r} is not running (it was deleted).")
+            raise ServeShutdown(f"Backend {self.tag!r} is shutting down; it takes no new requests.")
         if deadline is not None and deadline <= asyncio.get_running_loop().time():
             raise DeadlineExceeded(
                 f"The request's deadline passed before backend {self.tag!r} could start it."
@@ -322,9 +324,10 @@ class Backend:
             heapq.heapify(queue)
         future: asyncio.Future[Replica] = loop.create_future()
         entry = [_INF if deadline is None else deadline, next(self._seq), future]
+        # The timer first: if it cannot be made, nothing has been queued yet.
+        timer = None if deadline is None else loop.call_at(deadline, self._expire, entry)
         heapq.heappush(queue, entry)
         self._num_waiting += 1
-        timer = None if deadline is None else loop.call_at(deadline, self._expire, entry)
         started = loop.time()
         try:
             replica = await future
@@ -410,7 +413,8 @@ class Backend:
         for _, _, future in queue:
             if not future.done():
                 future.set_exception(exc)
-        self._num_waiting = 0
+                # Waiters already cancelled count themselves out when their task resumes.
+                self._num_waiting -= 1
 
     def _check_drained(self) -> None:
         if (
@@ -442,7 +446,7 @@ class Backend:
                 batch_wait_timeout_s=self.config.batch_wait_timeout,
                 max_concurrent_batches=len(self.replicas),
                 max_queued=self.config.max_queued_queries,
-                name=f"backend {self.tag!r}",
+                name=self.tag,
             )
             if self.metrics is not None:
                 queue.on_batch = functools.partial(self.metrics.observe_batch, self.tag)

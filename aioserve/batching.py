@@ -255,8 +255,8 @@ class BatchQueue(Generic[T, R]):
             raise ServeShutdown(f"Batch queue {self.name!r} is closed; it accepts no new requests.")
         if self._max_queued is not None and len(self._live) >= self._max_queued:
             raise Overloaded(
-                f"Batch queue {self.name!r} is full: {len(self._live)} requests already wait "
-                f"(max_queued={self._max_queued}). Retry later."
+                f"Backend {self.name!r} is overloaded: {len(self._live)} request(s) already wait "
+                f"for a batch (max_queued_queries={self._max_queued}). Retry later."
             )
         loop = asyncio.get_running_loop()
         if self._loop is not loop:

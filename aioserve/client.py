@@ -16,6 +16,7 @@ from ._concurrency import new_event_loop
 from .config import BackendConfig, HTTPOptions
 from .exceptions import ServeError, ServeShutdown
 from .handle import ServeHandle
+from .request import replica_var
 from .serve import Serve
 
 __all__ = ["Client", "RayServeSyncHandle", "SyncServeHandle"]
@@ -104,7 +105,7 @@ class SyncServeHandle:
     def __getattr__(self, name: str) -> SyncServeHandle:
         if name.startswith("_"):
             raise AttributeError(name)
-        return self.options(method_name=name)
+        return SyncServeHandle(getattr(self._handle, name))
 
     def __repr__(self) -> str:
         return repr(self._handle).replace("ServeHandle", "SyncServeHandle", 1)
@@ -167,6 +168,12 @@ class Client:
 
     def shutdown(self) -> None:
         """Stop the instance: drain, close the server, stop the loop thread. Idempotent."""
+        ctx = replica_var.get()
+        if ctx is not None and ctx.instance is self._serve:
+            # It would wait for its own request to drain (or deadlock on the loop thread).
+            raise ServeError(
+                "An aioserve instance cannot be shut down from inside one of its own backends."
+            )
         if not self._thread.loop.is_closed():
             self._thread.run(self._serve.aclose())
         self._thread.stop()

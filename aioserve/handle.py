@@ -26,13 +26,14 @@ __all__ = ["HandleOptions", "RayServeHandle", "ServeHandle", "deadline_from"]
 _UNSET: Any = object()
 
 
-def _check_slo(name: str, value: object) -> float | None:
+def check_slo(name: str, value: object) -> float | None:
+    """Validate a deadline option (milliseconds): a finite number, >= 0 when relative."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigTypeError(f"{name} must be a number of milliseconds or None, got {value!r}.")
-    if math.isnan(value) or (name == "relative_slo_ms" and value < 0):
-        raise ConfigError(f"{name} must be a number >= 0, got {value!r}.")
+    if not math.isfinite(value) or (name == "relative_slo_ms" and value < 0):
+        raise ConfigError(f"{name} must be a finite number of milliseconds >= 0, got {value!r}.")
     return float(value)
 
 
@@ -72,8 +73,8 @@ class HandleOptions:
             raise ConfigTypeError(f"shard_key must be a str or None, got {shard_key!r}.")
         self.method_name = method_name
         self.shard_key = None if shard_key is None else str(shard_key)
-        self.relative_slo_ms = _check_slo("relative_slo_ms", relative_slo_ms)
-        self.absolute_slo_ms = _check_slo("absolute_slo_ms", absolute_slo_ms)
+        self.relative_slo_ms = check_slo("relative_slo_ms", relative_slo_ms)
+        self.absolute_slo_ms = check_slo("absolute_slo_ms", absolute_slo_ms)
         self.missing_ok = bool(missing_ok)
 
     def replace(self, **changes: Any) -> HandleOptions:
@@ -99,7 +100,7 @@ class ServeHandle:
     request runs on the instance's loop either way.
     """
 
-    __slots__ = ("_endpoint", "_loop", "_options", "_owner", "_router")
+    __slots__ = ("_by_method", "_endpoint", "_loop", "_options", "_owner", "_router")
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class ServeHandle:
         self._loop = loop
         self._owner = owner
         self._options = options or HandleOptions()
+        self._by_method: dict[str, ServeHandle] = {}
 
     @property
     def endpoint_name(self) -> str:
@@ -148,7 +150,10 @@ class ServeHandle:
         # ``handle.predict.remote(x)`` is ``handle.options(method_name="predict").remote(x)``.
         if name.startswith("_"):
             raise AttributeError(name)
-        return self.options(method_name=name)
+        handle = self._by_method.get(name)
+        if handle is None:  # made once per name: ``handle.predict.remote`` is on the hot path
+            handle = self._by_method[name] = self.options(method_name=name)
+        return handle
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(endpoint={self._endpoint!r}{self._options.describe()})"

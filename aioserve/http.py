@@ -27,13 +27,14 @@ from urllib.parse import parse_qsl
 from starlette.convertors import Convertor
 from starlette.datastructures import URL
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import compile_path
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ._concurrency import TaskOwner
 from .exceptions import (
+    ConfigError,
     DeadlineExceeded,
     EndpointNotFound,
     MethodNotFound,
@@ -41,7 +42,7 @@ from .exceptions import (
     ReplicaStopped,
     ServeShutdown,
 )
-from .handle import deadline_from
+from .handle import check_slo, deadline_from
 from .request import CallContext, call_var, new_request_id
 
 if TYPE_CHECKING:
@@ -267,6 +268,7 @@ class HTTPApp:
         # (ASGITransport does), and that task is not inside this request any more.
         token = call_var.set(call)
         try:
+            users_own = False
             if route is None:
                 response = (
                     _plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")
@@ -284,13 +286,18 @@ class HTTPApp:
             else:
                 if params is not None:
                     scope["path_params"] = params
-                maybe = await self._call(
+                answer = await self._call(
                     scope, receive, send, route, call, method_name, shard_key, has_body
                 )
-                if maybe is None:
+                if answer is None:
                     return  # the client went away: nobody is left to answer
-                response = maybe
-            response.raw_headers.append((b"x-request-id", request_id.encode("latin-1")))
+                response, users_own = answer
+            header = (b"x-request-id", request_id.encode("latin-1"))
+            if users_own:
+                # The handler's own Response object may be shared: never change it.
+                send = _send_with_header(send, header)
+            else:
+                response.raw_headers.append(header)
             await response(scope, receive, send)
             if self.access_log:
                 access_logger.info(
@@ -309,17 +316,23 @@ class HTTPApp:
         method_name: str | None,
         shard_key: str | None,
         has_body: bool,
-    ) -> Response | None:
-        """Run the request through the router; None if its client disconnected meanwhile."""
-        deadline = None
-        query = scope.get("query_string", b"")
-        if query and b"slo_ms" in query:
-            deadline = _deadline_from_query(query)
+    ) -> tuple[Response, bool] | None:
+        """Run the request through the router: its response, and whether that is the handler's
+        own Response object; None if the client disconnected meanwhile."""
         request = Request(scope, receive, send)
-        if has_body:
-            # Read the body up front: afterwards ``receive()`` only reports a client that went
-            # away, so watching for that cannot steal the handler's body.
-            await request.body()
+        try:
+            deadline = None
+            query = scope.get("query_string", b"")
+            if query and b"slo_ms" in query:
+                deadline = _deadline_from_query(query)
+            if has_body:
+                # Read the body up front: afterwards ``receive()`` only reports a client that
+                # went away, so watching for that cannot steal the handler's body.
+                await request.body()
+        except HTTPException as exc:
+            return self.error_response(exc), False
+        except ClientDisconnect:
+            return None  # gone during the upload: nobody is left to answer
         task = asyncio.current_task()
         assert task is not None  # an ASGI app always runs in a task
         watch = _DisconnectWatch(task, request, receive, self._watchers)
@@ -334,13 +347,13 @@ class HTTPApp:
             result = await self._router.call_endpoint(
                 route.endpoint, method_name, (request,), _NO_KWARGS, shard_key, deadline
             )
-            return to_response(result)
+            return to_response(result), isinstance(result, Response)
         except asyncio.CancelledError:
             if watch.disconnected and task.uncancel() == 0:
                 return None
             raise
         except Exception as exc:
-            return self.error_response(exc)
+            return self.error_response(exc), False
         finally:
             call.waiting_hook = None
             in_flight.discard(watch)
@@ -401,6 +414,15 @@ class HTTPApp:
         return _plain(200, "success")
 
 
+def _send_with_header(send: Send, header: tuple[bytes, bytes]) -> Send:
+    async def send_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return send_with_header
+
+
 class _DisconnectWatch:
     """Cancels a request's task when its client disconnects; started only when that can matter:
     when the request has to wait, or when it has run through a sweep interval."""
@@ -453,15 +475,17 @@ class _DisconnectWatch:
 
 
 def _deadline_from_query(query: bytes) -> float | None:
-    relative = absolute = None
+    """The deadline the query parameters ask for; a bad value is the client's error (400)."""
+    slo: dict[str, float | None] = {"relative_slo_ms": None, "absolute_slo_ms": None}
     for key, value in parse_qsl(query.decode("latin-1")):
-        try:
-            if key == "relative_slo_ms":
-                relative = float(value)
-            elif key == "absolute_slo_ms":
-                absolute = float(value)
-        except ValueError:
-            continue
-    if relative is None and absolute is None:
+        if key in slo:
+            try:
+                slo[key] = check_slo(key, float(value))
+            except ValueError as exc:
+                detail = str(exc) if isinstance(exc, ConfigError) else f"{key}={value!r}: {exc}"
+                raise HTTPException(400, f"Bad query parameter: {detail}") from None
+    if slo["relative_slo_ms"] is None and slo["absolute_slo_ms"] is None:
         return None
-    return deadline_from(asyncio.get_running_loop(), relative, absolute)
+    return deadline_from(
+        asyncio.get_running_loop(), slo["relative_slo_ms"], slo["absolute_slo_ms"]
+    )

@@ -460,14 +460,6 @@ class Replica:
             if not release_later:
                 self._release(self)
 
-    def statistics(self) -> dict[str, Any]:
-        """A snapshot for list_backends and metrics."""
-        return {
-            "replica_tag": self.replica_tag,
-            "state": self.state.value,
-            "in_flight": self.in_flight,
-            "max_concurrent_queries": self.max_concurrent_queries,
-        }
 
 
 def _call_soon(

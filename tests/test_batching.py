@@ -427,7 +427,7 @@ async def test_overload_bound_rejects_at_once_and_names_the_queue() -> None:
         await rec.wait_batches(1)
         tasks += spawn(queue, 1, 2)
         await turns_until(lambda: queue.queued == 2)
-        with pytest.raises(Overloaded, match=r"'model'.*max_queued=2"):
+        with pytest.raises(Overloaded, match=r"'model'.*max_queued_queries=2"):
             await queue.submit(3)
         tasks[2].cancel()
         with pytest.raises(asyncio.CancelledError):
