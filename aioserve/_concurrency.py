@@ -84,6 +84,13 @@ class TaskOwner:
     def __repr__(self) -> str:
         return f"<TaskOwner {self.name!r} tasks={len(self._tasks)} closed={self._closed}>"
 
+    async def join(self) -> None:
+        """Wait for the tasks running now (and any they start) to finish, cancelling none."""
+        while self._tasks:
+            tasks = list(self._tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
+
     async def aclose(self) -> None:
         """Refuse new tasks, cancel the running ones and wait until they have ended. Idempotent."""
         self._closed = True

@@ -146,7 +146,6 @@ def shutdown() -> None:
             _clients.remove(client)
 
 
-@atexit.register
 def _shutdown_at_exit() -> None:
     with _lock:
         clients = [c for c in _clients if not c.detached]
@@ -154,6 +153,17 @@ def _shutdown_at_exit() -> None:
         # The interpreter is exiting; there is nobody left to tell of a failure.
         with contextlib.suppress(Exception):
             client.shutdown()
+
+
+# Shut down while the thread executors still work: Python stops them (concurrent.futures' own
+# threading-atexit hook) before plain atexit handlers run, and a drain that cannot run queued sync
+# calls would wait out its whole timeout. Hooks registered here run in reverse order, so before
+# the executors' one, which was registered when concurrent.futures was imported.
+_register_early = getattr(threading, "_register_atexit", None)
+if _register_early is not None:
+    _register_early(_shutdown_at_exit)
+else:  # pragma: no cover - CPython has had threading._register_atexit since 3.9
+    atexit.register(_shutdown_at_exit)
 
 
 def create_backend(

@@ -91,6 +91,7 @@ class Backend:
         self._seq = itertools.count()
         self._batch_queues: dict[str | None, BatchQueue[Any, Any]] = {}
         self._retiring = TaskOwner(f"backend {tag!r} drains")
+        self._retiring_replicas: set[Replica] = set()  # out of routing, still draining
         self._drained: asyncio.Event | None = None
 
     def __repr__(self) -> str:
@@ -106,9 +107,6 @@ class Backend:
         """The per-replica concurrency limit in force."""
         return self.config.resolved_max_concurrent_queries(is_async=self.callable.is_async)
 
-    def _slot_limit(self) -> int:
-        # A batching replica runs one batch at a time; the batch queue bounds the items.
-        return 1 if self.callable.accepts_batches else self.max_concurrent_queries
 
     def resolved_config(self) -> BackendConfig:
         """The config with ``max_concurrent_queries`` resolved, as get_backend_config reports it."""
@@ -148,11 +146,14 @@ class Backend:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def _new_replica(self) -> Replica:
+    def _new_replica(self, config: BackendConfig) -> Replica:
+        # Batches take one slot each; the batch queue bounds how many run (one per replica).
         return Replica(
             self.tag,
             self.callable,
-            max_concurrent_queries=self._slot_limit(),
+            max_concurrent_queries=config.resolved_max_concurrent_queries(
+                is_async=self.callable.is_async
+            ),
             release=self._release,
             instance=self._instance,
         )
@@ -169,7 +170,7 @@ class Backend:
 
     async def start(self) -> None:
         """Start ``num_replicas`` replicas; on any failure, stop them all and raise."""
-        replicas = [self._new_replica() for _ in range(self.config.num_replicas)]
+        replicas = [self._new_replica(self.config) for _ in range(self.config.num_replicas)]
         await self._start_replicas(replicas, self.config.user_config)
         self.replicas = replicas
         self.state = ReplicaState.RUNNING
@@ -178,34 +179,33 @@ class Backend:
         """Apply a validated config to the live backend; returns once it is in force."""
         validate_backend_config(self.tag, self.callable, new)
         old = self.config
-        added: list[Replica] = []
         grow = new.num_replicas - len(self.replicas)
-        if grow > 0:
-            self.config = new  # new replicas take their slot limit from it
-            try:
-                added = [self._new_replica() for _ in range(grow)]
+        # Nothing is in force until every step has worked: the config is assigned at the end,
+        # and a failure (or a cancelled caller) undoes the steps taken.
+        added = [self._new_replica(new) for _ in range(max(grow, 0))]
+        changed: list[Replica] = []
+        try:
+            if added:
                 await self._start_replicas(added, new.user_config)
-            except BaseException:
-                self.config = old
-                raise
-        if reconfigure and new.user_config is not None:
-            results = await asyncio.gather(
-                *(r.reconfigure(new.user_config) for r in self.replicas), return_exceptions=True
-            )
-            errors = [e for e in results if isinstance(e, BaseException)]
-            if errors:
-                # Nothing changes: undo the new replicas and put the old user_config back.
-                self.config = old
-                await asyncio.gather(*(r.aclose() for r in added))
+            if reconfigure and new.user_config is not None:
+                results = await asyncio.gather(
+                    *(r.reconfigure(new.user_config) for r in self.replicas),
+                    return_exceptions=True,
+                )
                 changed = [r for r, e in zip(self.replicas, results, strict=True) if e is None]
-                if old.user_config is not None:
-                    await asyncio.gather(
-                        *(r.reconfigure(old.user_config) for r in changed),
-                        return_exceptions=True,
-                    )
-                raise errors[0]
+                errors = [e for e in results if isinstance(e, BaseException)]
+                if errors:
+                    raise errors[0]
+        except BaseException:
+            await asyncio.gather(*(r.aclose() for r in added))
+            if changed and old.user_config is not None:
+                # Put the old user_config back on the replicas that took the new one.
+                await asyncio.gather(
+                    *(r.reconfigure(old.user_config) for r in changed), return_exceptions=True
+                )
+            raise
         self.config = new
-        limit = self._slot_limit()
+        limit = self.max_concurrent_queries
         replicas = self.replicas + added
         for replica in replicas:
             replica.max_concurrent_queries = limit
@@ -213,6 +213,7 @@ class Backend:
             replicas, removed = replicas[: new.num_replicas], replicas[new.num_replicas :]
             for replica in removed:
                 replica.state = ReplicaState.DRAINING
+                self._retiring_replicas.add(replica)
                 self._retiring.spawn(self._retire(replica), name=f"retire {replica.replica_tag}")
         self.replicas = replicas
         for queue in self._batch_queues.values():
@@ -225,21 +226,23 @@ class Backend:
         self._dispatch_waiters()
 
     async def _retire(self, replica: Replica) -> None:
-        """Drain a replica taken out of routing, then stop it."""
-        if replica.in_flight:
-            try:
+        """Drain a replica taken out of routing, then stop it (also when cancelled)."""
+        try:
+            if replica.in_flight:
                 await asyncio.wait_for(
                     replica.idle.wait(), timeout=self.config.graceful_shutdown_timeout_s
                 )
-            except TimeoutError:
-                logger.warning(
-                    "Replica %s still had %d request(s) after %.1f s of draining; cancelling them.",
-                    replica.replica_tag,
-                    replica.in_flight,
-                    self.config.graceful_shutdown_timeout_s,
-                )
-        replica.kill()
-        await replica.aclose()
+        except TimeoutError:
+            logger.warning(
+                "Replica %s still had %d request(s) after %.1f s of draining; cancelling them.",
+                replica.replica_tag,
+                replica.in_flight,
+                self.config.graceful_shutdown_timeout_s,
+            )
+        finally:
+            replica.kill()
+            await replica.aclose()
+            self._retiring_replicas.discard(replica)
 
     async def aclose(self, *, force: bool = False) -> None:
         """Stop admitting; drain queued and running work (unless ``force``); stop. Idempotent."""
@@ -417,12 +420,26 @@ class Backend:
                 self._num_waiting -= 1
 
     def _check_drained(self) -> None:
-        if (
-            self._drained is not None
-            and not self._num_waiting
-            and not any(r.in_flight for r in self.replicas)
-        ):
+        if self._drained is not None and self.idle:
             self._drained.set()
+
+    @property
+    def idle(self) -> bool:
+        """No request waits for a slot or runs, on routed replicas or on ones still draining.
+
+        Batch queues drain on their own (``BatchQueue.aclose``); their dispatches hold slots.
+        """
+        return (
+            not self._num_waiting
+            and not any(r.in_flight for r in self.replicas)
+            and not any(r.in_flight for r in self._retiring_replicas)
+        )
+
+    async def wait_idle(self) -> None:
+        """Wait until :attr:`idle` (checked again whenever a call ends)."""
+        self._drained = asyncio.Event()
+        self._check_drained()
+        await self._drained.wait()
 
     # -- batching -------------------------------------------------------------------------------
 

@@ -163,10 +163,15 @@ class ServeHandle:
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # This task's own context: a handle call is never "web"; nested calls keep the request id.
-        call_var.set(CallContext(self._endpoint, False, None, call_var.get()))
+        parent = call_var.get()
+        call_var.set(CallContext(self._endpoint, False, None, parent))
         opts = self._options
         router = self._router
         try:
+            if not router.admitting and parent is None:
+                raise ServeShutdown(
+                    "The aioserve instance is shutting down; it takes no new requests."
+                )
             deadline = None
             if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:
                 deadline = deadline_from(self._loop, opts.relative_slo_ms, opts.absolute_slo_ms)

@@ -22,7 +22,7 @@ import importlib
 import inspect
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ._concurrency import ReplicaThread
@@ -189,11 +189,13 @@ class UserCallable:
         """Whether calls to ``method`` (None: the default entry point) take lists."""
         cached = self._method_batches.get(method)
         if cached is None:
-            if not self.is_class or method in (None, "__call__"):
+            if not self.is_class:
                 cached = self.accepts_batches
             else:
+                # The class's mark covers every method; otherwise the method's own mark decides.
+                name = "__call__" if method is None else method
                 cached = accepts_batches(self.target) or accepts_batches(
-                    getattr(self.target, method, None)
+                    getattr(self.target, name, None)
                 )
             self._method_batches[method] = cached
         return cached
@@ -414,15 +416,15 @@ class Replica:
             raise
         if kind is _Kind.SYNC:
             return await self._call_sync(fn, args, kwargs)
+        if kind is _Kind.ASYNC_GEN:
+            return self._stream(fn(*args, **kwargs))
         task = asyncio.current_task()
         assert task is not None  # always called from a task: we are in a coroutine
         self._running.add(task)
         token = replica_var.set(self.context)
         owner_token = queue_owner.set(self._owning) if self.callable.uses_batch_decorator else None
         try:
-            if kind is _Kind.ASYNC:
-                return await fn(*args, **kwargs)
-            return fn(*args, **kwargs)
+            return await fn(*args, **kwargs)
         except asyncio.CancelledError:
             if self._killed and task.uncancel() == 0:
                 raise ReplicaStopped(
@@ -441,7 +443,13 @@ class Replica:
     ) -> Any:
         ctx = contextvars.copy_context()
         ctx.run(replica_var.set, self.context)
-        future = self._thread.submit(ctx, fn, *args, **kwargs)
+        try:
+            future = self._thread.submit(ctx, fn, *args, **kwargs)
+        except RuntimeError:  # the executor is shut down: the replica, or the interpreter, stops
+            self._release(self)
+            raise ReplicaStopped(
+                f"Replica {self.replica_tag} is stopped; it cannot run the request."
+            ) from None
         release_later = False
         try:
             return await asyncio.wrap_future(future)
@@ -460,6 +468,28 @@ class Replica:
             if not release_later:
                 self._release(self)
 
+
+
+    async def _stream(self, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """An async generator handler's items, produced inside the replica: its slot stays
+        taken and ``get_replica_context()`` works until the stream ends or is closed."""
+        try:
+            while True:
+                token = replica_var.set(self.context)
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    replica_var.reset(token)
+                yield item
+        finally:
+            try:
+                aclose = getattr(items, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self._release(self)
 
 
 def _call_soon(

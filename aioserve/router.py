@@ -72,6 +72,8 @@ class Router:
         self._shadows = TaskOwner("shadow copies")
         self._endpoint_waiters: dict[str, list[asyncio.Future[Endpoint]]] = {}
         self.metrics = metrics or Metrics()
+        # False once the instance shuts down: only calls made by requests in flight get in.
+        self.admitting = True
 
     def __repr__(self) -> str:
         return f"<Router endpoints={len(self.endpoints)} policy={self.policy.name}>"

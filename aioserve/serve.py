@@ -106,6 +106,7 @@ class Serve:
         self._lock = asyncio.Lock()
         self._handles = TaskOwner("handle calls")
         self._background = TaskOwner("aioserve server")
+        self._deletions = TaskOwner("backend deletions")
         self._server: _Server | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
@@ -257,13 +258,20 @@ class Serve:
             return
         self._closed = asyncio.get_running_loop().create_future()
         try:
+            # Stop admitting at the edges only: new HTTP requests get 503 and new top-level
+            # handle calls ServeShutdown, while calls made by requests in flight are still
+            # served, so those requests can finish.
             self.state = ServeState.DRAINING
-            if self._server is not None:
-                self._server.should_exit = True
-                if self._server_task is not None:
-                    await asyncio.gather(self._server_task, return_exceptions=True)
             self._http.running = False
-            await asyncio.gather(*(b.aclose() for b in list(self._backends.values())))
+            self._router.admitting = False
+            async with self._lock:  # a control call under way finishes first
+                await self._drain()
+                if self._server is not None:
+                    self._server.should_exit = True
+                    if self._server_task is not None:
+                        await asyncio.gather(self._server_task, return_exceptions=True)
+                await asyncio.gather(*(b.aclose() for b in list(self._backends.values())))
+                await self._deletions.join()
             await self._handles.aclose()
             await self._router.aclose()
             await self._http.aclose()
@@ -273,6 +281,28 @@ class Serve:
         finally:
             self.state = ServeState.STOPPED
             self._closed.set_result(None)
+
+    async def _drain(self) -> None:
+        """Wait until no backend has work, for up to the longest graceful_shutdown_timeout_s."""
+        backends = list(self._backends.values())
+        timeout = max((b.config.graceful_shutdown_timeout_s for b in backends), default=0.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # All idle at once: a request finishing on one backend may have just called another.
+        while not all(b.idle for b in backends):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.warning(
+                    "Requests were still running after %.1f s of draining; cancelling them.",
+                    timeout,
+                )
+                return
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(b.wait_idle() for b in backends)), remaining
+                )
+            except TimeoutError:
+                continue
 
     def _check_running(self) -> None:
         if self.state is not ServeState.RUNNING:
@@ -391,7 +421,8 @@ class Serve:
             del self._backends[backend_tag]
             self._records.pop(backend_tag, None)
             self._checkpoint()
-        await backend.aclose(force=force)
+        # The drain belongs to the instance: a caller that stops waiting does not stop it.
+        await asyncio.shield(self._deletions.spawn(backend.aclose(force=force)))
 
     # -- endpoints ------------------------------------------------------------------------------
 
