@@ -294,7 +294,8 @@ def test_updated_validates_like_coerce(field: str, value: Any) -> None:
     base = BackendConfig(num_replicas=2, max_queued_queries=5)
     if field == "user_config" or is_valid(field, value):
         new = base.updated({field: value})
-        assert getattr(new, field) == value
+        # user_config is stored as given (identity: a NaN there is not equal to itself).
+        assert getattr(new, field) is value or getattr(new, field) == value
         # Fields not named in the update keep their values; the original is untouched.
         untouched = {k: v for k, v in base.to_dict().items() if k != field}
         assert {k: v for k, v in new.to_dict().items() if k != field} == untouched
