@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import decimal
+import enum
 import logging
+import pathlib
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -839,3 +844,72 @@ async def test_no_server_options_start_no_server(options: dict[str, Any]) -> Non
         transport = httpx.ASGITransport(app=s.asgi_app)
         async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
             assert (await http.get("/hello")).text == "hello"
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+async def test_common_stdlib_values_are_encoded_as_json(
+    serve: Serve, http: httpx.AsyncClient
+) -> None:
+    def values(request: Request) -> dict[str, Any]:
+        return {
+            "set": {3},
+            "tuple": (1, 2),
+            "date": datetime.date(2026, 11, 21),
+            "enum": Colour.RED,
+            "uuid": uuid.UUID(int=1),
+            "decimal": decimal.Decimal("1.5"),
+            "path": pathlib.PurePosixPath("/tmp/x"),
+        }
+
+    await serve.create_backend("values", values)
+    await serve.create_endpoint("values", backend="values", route="/values")
+    response = await http.get("/values")
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "set": [3],
+        "tuple": [1, 2],
+        "date": "2026-11-21",
+        "enum": "red",
+        "uuid": "00000000-0000-0000-0000-000000000001",
+        "decimal": "1.5",
+        "path": "/tmp/x",
+    }
+
+
+async def test_a_sync_generator_is_streamed_item_by_item(
+    serve: Serve, http: httpx.AsyncClient
+) -> None:
+    def lines(request: Request) -> Any:
+        yield "a,"
+        yield b"b,"
+        yield {"c": 1}
+
+    await serve.create_backend("lines", lines)
+    await serve.create_endpoint("lines", backend="lines", route="/lines")
+    response = await http.get("/lines")
+    assert response.status_code == 200
+    assert response.text == 'a,b,{"c":1}\n'
+
+
+async def test_the_app_acknowledges_lifespan_and_refuses_websockets(serve: Serve) -> None:
+    sent: list[Message] = []
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> Message:
+        return inbox.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await serve.asgi_app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert [m["type"] for m in sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    sent.clear()
+    inbox[:] = [{"type": "websocket.connect"}]
+    await serve.asgi_app({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1000}]
