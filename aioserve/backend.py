@@ -107,7 +107,6 @@ class Backend:
         """The per-replica concurrency limit in force."""
         return self.config.resolved_max_concurrent_queries(is_async=self.callable.is_async)
 
-
     def resolved_config(self) -> BackendConfig:
         """The config with ``max_concurrent_queries`` resolved, as get_backend_config reports it."""
         return dataclasses.replace(self.config, max_concurrent_queries=self.max_concurrent_queries)

@@ -486,6 +486,4 @@ def _deadline_from_query(query: bytes) -> float | None:
                 raise HTTPException(400, f"Bad query parameter: {detail}") from None
     if slo["relative_slo_ms"] is None and slo["absolute_slo_ms"] is None:
         return None
-    return deadline_from(
-        asyncio.get_running_loop(), slo["relative_slo_ms"], slo["absolute_slo_ms"]
-    )
+    return deadline_from(asyncio.get_running_loop(), slo["relative_slo_ms"], slo["absolute_slo_ms"])

@@ -468,8 +468,6 @@ class Replica:
             if not release_later:
                 self._release(self)
 
-
-
     async def _stream(self, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """An async generator handler's items, produced inside the replica: its slot stays
         taken and ``get_replica_context()`` works until the stream ends or is closed."""
