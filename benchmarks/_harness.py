@@ -8,6 +8,7 @@ are re-exported here so that a benchmark imports from one place.
 from __future__ import annotations
 
 import argparse
+import gc
 import http.client
 import importlib.metadata
 import importlib.util
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -50,9 +51,11 @@ __all__ = [
     "LoadError",
     "LoadResult",
     "LoadTool",
+    "Run",
     "ServerProcess",
     "ServerStartError",
     "alternate",
+    "alternate_runs",
     "default_threads",
     "describe_load_tool",
     "describe_uvicorn",
@@ -69,6 +72,7 @@ __all__ = [
     "run_wrk",
     "server_argparser",
     "server_argv",
+    "time_run",
     "uvicorn_settings",
     "warm_up",
 ]
@@ -352,6 +356,33 @@ def alternate(
 
 
 # --------------------------------------------------------------------------- tables
+
+
+# One in-process run: does its work and returns how many calls it made.
+Run = Callable[[], Awaitable[int]]
+
+
+async def time_run(run: Run) -> float:
+    """Microseconds per call of one run (garbage from earlier runs collected first)."""
+    gc.collect()
+    start = time.perf_counter_ns()
+    calls = await run()
+    return (time.perf_counter_ns() - start) / 1e3 / calls
+
+
+async def alternate_runs(cases: Sequence[tuple[str, Run]], rounds: int) -> dict[str, list[float]]:
+    """Time in-process cases interleaved, after one untimed warm-up run of each.
+
+    Round r starts at case r (A B C, B C A, C A B, ...): no case always runs first or last.
+    """
+    for _, run in cases:
+        await run()
+    results: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for r in range(rounds):
+        start = r % len(cases)
+        for name, run in [*cases[start:], *cases[:start]]:
+            results[name].append(await time_run(run))
+    return results
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

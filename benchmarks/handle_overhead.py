@@ -22,19 +22,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import importlib.metadata
 import importlib.util
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aioserve
-from benchmarks._harness import markdown_table, ratio
+from benchmarks._harness import Run, alternate_runs, markdown_table, ratio
 from benchmarks.aioserve_app import noop
 
 DEFAULT_ROUNDS = 5
@@ -50,7 +48,6 @@ MAX_SERIAL_RATIO = 2.0
 MAX_FANOUT_US = 5.0
 
 # A run: do the calls, return how many were made.
-Run = Callable[[], Awaitable[int]]
 
 
 class QueueFloor:
@@ -133,25 +130,6 @@ def handle_fanout(handle: aioserve.ServeHandle, batches: int) -> Run:
         return batches * FANOUT_WIDTH
 
     return run
-
-
-async def time_run(run: Run) -> float:
-    """Microseconds per call of one run (garbage from earlier runs collected first)."""
-    gc.collect()
-    start = time.perf_counter_ns()
-    calls = await run()
-    return (time.perf_counter_ns() - start) / 1e3 / calls
-
-
-async def alternate_runs(cases: Sequence[tuple[str, Run]], rounds: int) -> dict[str, list[float]]:
-    """Time the cases interleaved, A B A B ..., after one untimed warm-up run of each."""
-    for _, run in cases:
-        await run()
-    results: dict[str, list[float]] = {name: [] for name, _ in cases}
-    for _ in range(rounds):
-        for name, run in cases:
-            results[name].append(await time_run(run))
-    return results
 
 
 # --------------------------------------------------------------------------- measurement

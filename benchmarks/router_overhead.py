@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib.metadata
 import math
 import platform
@@ -32,11 +31,11 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aioserve
-from benchmarks._harness import markdown_table, ratio
+from benchmarks._harness import Run, alternate_runs, markdown_table, ratio
 
 DEFAULT_CALLS = 10_000
 DEFAULT_ROUNDS = 9
@@ -50,7 +49,6 @@ SPLIT = "split"
 CONTROL = "single-again"
 
 # A run: make the calls, return how many were made.
-Run = Callable[[], Awaitable[int]]
 
 
 async def noop() -> str:
@@ -98,29 +96,6 @@ def serial(handle: aioserve.ServeHandle, calls: int) -> Run:
         return calls
 
     return run
-
-
-async def time_run(run: Run) -> float:
-    """Microseconds per call of one run (garbage from earlier runs collected first)."""
-    gc.collect()
-    start = time.perf_counter_ns()
-    calls = await run()
-    return (time.perf_counter_ns() - start) / 1e3 / calls
-
-
-async def alternate_runs(cases: Sequence[tuple[str, Run]], rounds: int) -> dict[str, list[float]]:
-    """Time the cases interleaved, after one untimed warm-up run of each.
-
-    Round r starts at case r (A B C, B C A, C A B, ...): no case always runs first or last.
-    """
-    for _, run in cases:
-        await run()
-    results: dict[str, list[float]] = {name: [] for name, _ in cases}
-    for r in range(rounds):
-        start = r % len(cases)
-        for name, run in [*cases[start:], *cases[:start]]:
-            results[name].append(await time_run(run))
-    return results
 
 
 def split_accuracy(serve: aioserve.Serve, choices: int) -> Accuracy:
