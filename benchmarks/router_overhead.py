@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aioserve
-from benchmarks._harness import Run, alternate_runs, markdown_table, ratio
+from benchmarks._harness import alternate_runs, markdown_table, ratio
+from benchmarks.handle_overhead import handle_serial as serial
 
 DEFAULT_CALLS = 10_000
 DEFAULT_ROUNDS = 9
@@ -86,16 +87,6 @@ class Result:
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-def serial(handle: aioserve.ServeHandle, calls: int) -> Run:
-    async def run() -> int:
-        remote = handle.remote
-        for _ in range(calls):
-            await remote()
-        return calls
-
-    return run
 
 
 def split_accuracy(serve: aioserve.Serve, choices: int) -> Accuracy:
