@@ -703,6 +703,67 @@ def test_memory_stays_bounded_however_long_it_runs() -> None:
     assert within(figures[f"latency_ms_50th_perc_{gc_window}_window"], 5)
 
 
+def latency_buckets(metrics: Metrics) -> dict[str, float]:
+    """The cumulative counts of the latency histogram, read back from the exposition text."""
+    text = metrics.exposition().decode()
+    return {
+        sample.labels["le"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "aioserve_request_latency_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_bucket")
+    }
+
+
+def test_latency_buckets_are_exact_at_and_just_past_each_bound() -> None:
+    # Latencies are bucketed in bulk on a finer table; a value on a bound must still count as
+    # "le" that bound, and the smallest value above it in the next bucket.
+    metrics = Metrics(clock=FakeClock())
+    series = metrics.series("ep", "be")
+    bounds = aioserve.metrics.LATENCY_BUCKETS_S
+    for bound in bounds:
+        series.observe(bound, False)
+        series.observe(math.nextafter(bound, math.inf), False)
+    buckets = latency_buckets(metrics)
+    for i, bound in enumerate(bounds):
+        # Every bound below and this one; every value just past a lower bound.
+        assert buckets[repr(float(bound))] == 2 * i + 1, bound
+    assert buckets["+Inf"] == 2 * len(bounds)
+
+
+def test_a_new_second_separates_observations_not_yet_read() -> None:
+    # Nothing reads the figures between the two bursts: the first burst is still unsorted when
+    # the second begins, and must stay in its own second.
+    clock = FakeClock(1000.2)
+    metrics = Metrics(clock=clock)
+    series = metrics.series("ep", "be")
+    for _ in range(1000):
+        series.observe(0.001, False)
+    clock.now = 1001.1
+    for _ in range(7):
+        series.observe(0.200, True)
+    clock.now = 1010.5  # the 10 s window holds seconds 1001 .. 1010, not 1000
+    figures = metrics.stat(percentiles=[50], agg_windows_seconds=[10, 60])["endpoints"]["ep"]
+    assert figures["num_requests_10_window"] == 7
+    assert figures["num_errors_10_window"] == 7
+    assert within(figures["latency_ms_50th_perc_10_window"], 200)
+    assert figures["num_requests_60_window"] == 1007
+    assert within(figures["latency_ms_50th_perc_60_window"], 1)
+    assert figures["num_requests"] == 1007
+    assert figures["num_errors"] == 7
+
+
+def test_a_burst_within_one_second_keeps_few_latencies_unsorted() -> None:
+    metrics = Metrics(clock=FakeClock())
+    series = metrics.series("ep", "be")
+    for _ in range(10_000):
+        series.observe(0.002, False)
+    # No public way to see the list waiting to be bucketed: read the private one.
+    assert len(series._pending) < 1000
+    assert series.num_requests == 10_000
+    assert latency_buckets(metrics)["0.0025"] == 10_000
+
+
 # -- the sync facade -----------------------------------------------------------------------------
 
 
