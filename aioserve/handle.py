@@ -14,7 +14,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._concurrency import TaskOwner, spawn_threadsafe
+from ._concurrency import TaskOwner, current_task, spawn_threadsafe
 from .exceptions import ConfigError, ConfigTypeError, ServeError, ServeShutdown
 from .request import CallContext, call_var
 
@@ -191,7 +191,7 @@ class ServeHandle:
                 ) from None
             raise
         finally:
-            self._owner.discard(asyncio.current_task())
+            self._owner.discard(current_task(self._loop))
 
     def remote(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Send a request; returns an awaitable of its result. The request starts at once."""
@@ -205,7 +205,7 @@ class ServeHandle:
                 "sync handle: serve.get_handle(name) (sync=True is the default there)."
             ) from None
         if running is self._loop:
-            return self._owner.spawn(coro, self_removing=True)
+            return self._owner.spawn(coro, self_removing=True, loop=running)
         return asyncio.wrap_future(spawn_threadsafe(self._owner, self._loop, coro), loop=running)
 
     def on_own_loop(self) -> bool:

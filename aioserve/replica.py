@@ -25,7 +25,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from ._concurrency import ReplicaThread
+from ._concurrency import ReplicaThread, current_task
 from .batching import BatchQueue, accepts_batches, queue_owner
 from .exceptions import (
     BackendError,
@@ -295,6 +295,7 @@ class Replica:
         self._running: set[asyncio.Task[Any]] = set()
         self._batch_queues: list[BatchQueue[Any, Any]] = []
         self._killed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it started on
         self.context = ReplicaContext(backend_tag, self.replica_tag, None, instance)
 
     def __repr__(self) -> str:
@@ -307,6 +308,7 @@ class Replica:
 
     async def start(self, user_config: Any = None) -> None:
         """Construct the instance on the replica's thread, then apply ``user_config``."""
+        self._loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         ctx.run(replica_var.set, self.context)
         try:
@@ -418,7 +420,7 @@ class Replica:
             return await self._call_sync(fn, args, kwargs)
         if kind is _Kind.ASYNC_GEN:
             return self._stream(fn(*args, **kwargs))
-        task = asyncio.current_task()
+        task = current_task(self._loop)
         assert task is not None  # always called from a task: we are in a coroutine
         self._running.add(task)
         token = replica_var.set(self.context)

@@ -7,11 +7,18 @@ import concurrent.futures
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from aioserve import ServeShutdown
-from aioserve._concurrency import ReplicaThread, TaskOwner, new_event_loop, spawn_threadsafe
+from aioserve._concurrency import (
+    ReplicaThread,
+    TaskOwner,
+    current_task,
+    new_event_loop,
+    spawn_threadsafe,
+)
 
 
 def test_new_event_loop_is_uvloop_when_installed() -> None:
@@ -190,3 +197,25 @@ async def test_self_removing_tasks_leave_the_owner_and_never_accumulate() -> Non
         await asyncio.sleep(0)  # one loop turn: the cancelled task finishes
     assert len(owner) <= 130
     await owner.aclose()
+
+
+@pytest.mark.parametrize("factory", [asyncio.new_event_loop, new_event_loop])
+def test_current_task_agrees_with_asyncio_in_tasks_and_callbacks(factory: Any) -> None:
+    seen: list[tuple[object, object, object]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        seen.append((current_task(), current_task(loop), asyncio.current_task()))
+        in_callback = loop.create_future()
+        loop.call_soon(lambda: in_callback.set_result((current_task(loop), asyncio.current_task())))
+        outside = await in_callback
+        seen.append((outside[0], outside[0], outside[1]))
+
+    loop = factory()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    in_task, in_callback = seen
+    assert in_task[0] is in_task[1] is in_task[2] is not None
+    assert in_callback == (None, None, None)
