@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["HandleOptions", "RayServeHandle", "ServeHandle", "deadline_from"]
 
 _UNSET: Any = object()
+_get_ident = threading.get_ident
 
 
 def check_slo(name: str, value: object) -> float | None:
@@ -100,7 +102,15 @@ class ServeHandle:
     request runs on the instance's loop either way.
     """
 
-    __slots__ = ("_by_method", "_endpoint", "_loop", "_options", "_owner", "_router")
+    __slots__ = (
+        "_by_method",
+        "_endpoint",
+        "_loop",
+        "_loop_thread",
+        "_options",
+        "_owner",
+        "_router",
+    )
 
     def __init__(
         self,
@@ -110,10 +120,13 @@ class ServeHandle:
         loop: asyncio.AbstractEventLoop,
         owner: TaskOwner,
         options: HandleOptions | None = None,
+        loop_thread: int | None = None,
     ) -> None:
         self._router = router
         self._endpoint = endpoint
         self._loop = loop
+        # The thread ``loop`` runs on (an instance stays on the loop and thread it started on).
+        self._loop_thread = loop_thread
         self._owner = owner
         self._options = options or HandleOptions()
         self._by_method: dict[str, ServeHandle] = {}
@@ -143,7 +156,12 @@ class ServeHandle:
 
     def _with(self, options: HandleOptions) -> ServeHandle:
         return type(self)(
-            self._router, self._endpoint, loop=self._loop, owner=self._owner, options=options
+            self._router,
+            self._endpoint,
+            loop=self._loop,
+            owner=self._owner,
+            options=options,
+            loop_thread=self._loop_thread,
         )
 
     def __getattr__(self, name: str) -> ServeHandle:
@@ -195,6 +213,11 @@ class ServeHandle:
 
     def remote(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Send a request; returns an awaitable of its result. The request starts at once."""
+        loop = self._loop
+        if _get_ident() == self._loop_thread and loop.is_running():
+            # On the instance's own loop, known without asking asyncio, whose get_running_loop()
+            # makes a system call on 3.11 (one loop runs per thread, so this is that loop).
+            return self._owner.spawn(self._call(args, kwargs), self_removing=True, loop=loop)
         coro = self._call(args, kwargs)
         try:
             running = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import socket
+import threading
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -103,6 +104,7 @@ class Serve:
         self.state = ServeState.STARTING
         self.http_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None  # the thread its loop runs on
         self._lock = asyncio.Lock()
         self._handles = TaskOwner("handle calls")
         self._background = TaskOwner("aioserve server")
@@ -166,6 +168,7 @@ class Serve:
         # A corrupt or foreign state file fails here, before anything binds or starts.
         snapshot = self._store.load() if self._store is not None else None
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         install_log_context()
         if self.http_options.serves:
             await self._start_server()
@@ -565,7 +568,12 @@ class Serve:
             missing_ok=missing_ok,
         )
         return ServeHandle(
-            self._router, endpoint_name, loop=self.loop, owner=self._handles, options=options
+            self._router,
+            endpoint_name,
+            loop=self.loop,
+            loop_thread=self._loop_thread,
+            owner=self._handles,
+            options=options,
         )
 
 
