@@ -43,6 +43,8 @@ __all__ = ["Backend", "validate_backend_config"]
 logger = logging.getLogger(__name__)
 
 _INF = math.inf
+# Reading an enum member costs about 50 ns on 3.11; the request path compares with this instead.
+_RUNNING = ReplicaState.RUNNING
 
 
 def _about_to_wait() -> None:
@@ -283,7 +285,7 @@ class Backend:
         deadline: float | None,
     ) -> Any:
         """Run one request on a replica of this backend and return its result."""
-        if self.state is not ReplicaState.RUNNING:
+        if self.state is not _RUNNING:
             raise ServeShutdown(f"Backend {self.tag!r} is shutting down; it takes no new requests.")
         if deadline is not None and deadline <= asyncio.get_running_loop().time():
             raise DeadlineExceeded(
@@ -389,13 +391,13 @@ class Backend:
         """A call on ``replica`` is over: pass its slot to a waiter, or free it."""
         if (
             self._num_waiting
-            and replica.state is ReplicaState.RUNNING
+            and replica.state is _RUNNING
             and replica.in_flight <= replica.max_concurrent_queries
             and self._hand_off(replica)
         ):
             return
         replica.in_flight -= 1
-        if replica.in_flight == 0 and replica.state is not ReplicaState.RUNNING:
+        if replica.in_flight == 0 and replica.state is not _RUNNING:
             replica.idle.set()
         if self._drained is not None:
             self._check_drained()

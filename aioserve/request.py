@@ -18,7 +18,14 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["CallContext", "PythonRequest", "context", "install_log_context", "new_request_id"]
+__all__ = [
+    "CallContext",
+    "PythonRequest",
+    "context",
+    "install_log_context",
+    "new_request_id",
+    "python_request",
+]
 
 
 class CallContext:
@@ -155,3 +162,18 @@ class PythonRequest:
 
     def __repr__(self) -> str:
         return f"<PythonRequest body={self._body!r} query_params={self.query_params!r}>"
+
+
+_new_object = object.__new__
+
+
+def python_request(body: Any, kwargs: dict[str, Any]) -> PythonRequest:
+    """The request a handle call's handler gets: ``kwargs`` becomes its ``query_params``.
+
+    Unlike the constructor this does not copy ``kwargs``: it is the dict of one call's keyword
+    arguments, made for that call and used for nothing else, so nobody else holds it.
+    """
+    request: PythonRequest = _new_object(PythonRequest)
+    request._body = body
+    request.query_params = kwargs if kwargs else {}
+    return request

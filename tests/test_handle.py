@@ -517,6 +517,33 @@ async def test_0_8_style_python_request_without_body(serve: Serve) -> None:
     assert await handle.remote(mode="fast") == (None, None, {"mode": "fast"})
 
 
+async def test_a_handler_changing_its_query_params_changes_nothing_outside(serve: Serve) -> None:
+    async def meddler(request: Any) -> dict[str, Any]:
+        seen = dict(request.query_params)
+        request.query_params["n"] = "changed"
+        request.query_params["added"] = True
+        return seen
+
+    handle = await deploy(serve, "meddler", meddler)
+    mine = {"n": 1}
+    assert await handle.remote(**mine) == {"n": 1}
+    assert mine == {"n": 1}
+    # Each call gets its own params: nothing of an earlier call, or of a concurrent one, shows.
+    got = await asyncio.gather(handle.remote(), handle.remote(n=2), handle.remote())
+    assert got == [{}, {"n": 2}, {}]
+
+
+async def test_remote_outside_an_event_loop_is_a_clear_error(serve: Serve) -> None:
+    handle = await deploy(serve, "noop", lambda request: "ok")
+
+    def from_a_plain_thread() -> Any:
+        return handle.remote()
+
+    with pytest.raises(ServeError, match="running event loop"):
+        await asyncio.to_thread(from_a_plain_thread)
+    assert await handle.remote() == "ok"
+
+
 async def test_caller_cancelling_a_running_async_request_cancels_the_handler(
     serve: Serve, gate: Gate
 ) -> None:
