@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import compile_path
 from starlette.types import Message, Receive, Scope, Send
 
-from ._concurrency import TaskOwner
+from ._concurrency import TaskOwner, current_task
 from .exceptions import (
     ConfigError,
     DeadlineExceeded,
@@ -164,6 +164,7 @@ class HTTPApp:
         self.debug = debug
         self.access_log = access_log
         self.running = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the instance's, once it runs
         self._watchers = TaskOwner("HTTP disconnect watchers")
         self._in_flight: set[_DisconnectWatch] = set()
         self._sweep_timer: asyncio.TimerHandle | None = None
@@ -333,7 +334,7 @@ class HTTPApp:
             return self.error_response(exc), False
         except ClientDisconnect:
             return None  # gone during the upload: nobody is left to answer
-        task = asyncio.current_task()
+        task = current_task(self.loop)
         assert task is not None  # an ASGI app always runs in a task
         watch = _DisconnectWatch(task, request, receive, self._watchers)
         call.waiting_hook = watch.start

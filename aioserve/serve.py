@@ -173,6 +173,7 @@ class Serve:
         if self.http_options.serves:
             await self._start_server()
         self.state = ServeState.RUNNING
+        self._http.loop = self._loop
         self._http.running = True
         if snapshot is not None:
             try:
