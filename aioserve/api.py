@@ -17,7 +17,7 @@ from .config import BackendConfig, HTTPOptions
 from .exceptions import ConfigError, ConfigTypeError, ServeError
 from .handle import ServeHandle
 from .policy import RoutePolicy
-from .replica import replica_var
+from .request import current_replica
 
 __all__ = [
     "connect",
@@ -121,7 +121,7 @@ def init(
 
 def connect() -> Client:
     """The running instance: inside a backend, the one it runs in; else the current one."""
-    ctx = replica_var.get()
+    ctx = current_replica()
     with _lock:
         _clients[:] = [c for c in _clients if c.running]
         if ctx is not None:

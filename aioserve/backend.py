@@ -473,6 +473,9 @@ class Backend:
 
     def _batch_dispatcher(self, method: str | None) -> Callable[[list[Any]], Awaitable[Any]]:
         async def dispatch(items: list[Any]) -> Any:
+            # A batch serves several requests: it runs as none of them (its task inherited the
+            # context of whichever request happened to start the queue's worker).
+            call_var.set(None)
             replica = self._try_acquire() or await self._wait(None, bounded=False)
             return await replica.call(method, (items,), {})
 

@@ -16,7 +16,7 @@ from ._concurrency import new_event_loop
 from .config import BackendConfig, HTTPOptions
 from .exceptions import ServeError, ServeShutdown
 from .handle import ServeHandle
-from .request import replica_var
+from .request import current_replica
 from .serve import Serve
 
 __all__ = ["Client", "RayServeSyncHandle", "SyncServeHandle"]
@@ -168,7 +168,7 @@ class Client:
 
     def shutdown(self) -> None:
         """Stop the instance: drain, close the server, stop the loop thread. Idempotent."""
-        ctx = replica_var.get()
+        ctx = current_replica()
         if ctx is not None and ctx.instance is self._serve:
             # It would wait for its own request to drain (or deadlock on the loop thread).
             raise ServeError(

@@ -35,7 +35,7 @@ from .exceptions import (
     ReplicaStopped,
     ServeError,
 )
-from .request import python_request, replica_var
+from .request import call_var, current_replica, python_request, replica_var
 
 __all__ = [
     "Replica",
@@ -70,9 +70,16 @@ class ReplicaContext:
     instance: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
+def _outside_requests(context: ReplicaContext) -> None:
+    # In a copied context for a replica's constructor: its own replica, and no request (it may
+    # have been created from inside one, by a handler calling create_backend).
+    call_var.set(None)
+    replica_var.set(context)
+
+
 def get_replica_context() -> ReplicaContext:
     """The context of the replica running the current call; raises outside of one."""
-    ctx = replica_var.get()
+    ctx = current_replica()
     if ctx is None:
         raise ServeError(
             "get_replica_context() was called outside of a backend replica; "
@@ -316,7 +323,7 @@ class Replica:
         """Construct the instance on the replica's thread, then apply ``user_config``."""
         self._loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        ctx.run(replica_var.set, self.context)
+        ctx.run(_outside_requests, self.context)
         try:
             self._obj = await asyncio.wrap_future(self._thread.submit(ctx, self.callable.construct))
         except Exception as exc:
@@ -337,6 +344,8 @@ class Replica:
                 f"Backend {self.backend_tag!r} was given a user_config, but "
                 f"{self.callable.name} has no reconfigure(user_config) method."
             )
+        # This replica's own code, not part of a request that may have asked for the change.
+        call_token = call_var.set(None)
         token = replica_var.set(self.context)
         try:
             if _kind_of(method) is _Kind.SYNC:
@@ -349,6 +358,7 @@ class Replica:
             ) from exc
         finally:
             replica_var.reset(token)
+            call_var.reset(call_token)
 
     def kill(self) -> None:
         """Cancel the async calls running now; they fail with :class:`ReplicaStopped`."""
@@ -400,6 +410,18 @@ class Replica:
         entry = self._methods[method] = (fn, _kind_of(fn), {})
         return entry
 
+    def _enter(self) -> contextvars.Token[Any] | None:
+        """Make this replica the one serving the current call.
+
+        The call's own CallContext records it (an attribute write); only code serving no request
+        takes the context variable, and gets the token to reset it with.
+        """
+        call = call_var.get()
+        if call is not None:
+            call.replica = self.context
+            return None
+        return replica_var.set(self.context)
+
     def _owning(self, queue: BatchQueue[Any, Any]) -> None:
         self._batch_queues.append(queue)
 
@@ -429,7 +451,7 @@ class Replica:
         task = current_task(self._loop)
         assert task is not None  # always called from a task: we are in a coroutine
         self._running.add(task)
-        token = replica_var.set(self.context)
+        token = self._enter()
         owner_token = queue_owner.set(self._owning) if self._uses_batch_decorator else None
         try:
             return await fn(*args, **kwargs)
@@ -442,7 +464,8 @@ class Replica:
         finally:
             if owner_token is not None:
                 queue_owner.reset(owner_token)
-            replica_var.reset(token)
+            if token is not None:
+                replica_var.reset(token)
             self._running.discard(task)
             self._release(self)
 
@@ -450,7 +473,7 @@ class Replica:
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         ctx = contextvars.copy_context()
-        ctx.run(replica_var.set, self.context)
+        ctx.run(self._enter)  # a variable it sets stays in the thread's copy
         try:
             future = self._thread.submit(ctx, fn, *args, **kwargs)
         except RuntimeError:  # the executor is shut down: the replica, or the interpreter, stops
@@ -481,13 +504,14 @@ class Replica:
         taken and ``get_replica_context()`` works until the stream ends or is closed."""
         try:
             while True:
-                token = replica_var.set(self.context)
+                token = self._enter()
                 try:
                     item = await anext(items)
                 except StopAsyncIteration:
                     return
                 finally:
-                    replica_var.reset(token)
+                    if token is not None:
+                        replica_var.reset(token)
                 yield item
         finally:
             try:

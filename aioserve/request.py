@@ -22,6 +22,7 @@ __all__ = [
     "CallContext",
     "PythonRequest",
     "context",
+    "current_replica",
     "install_log_context",
     "new_request_id",
     "python_request",
@@ -34,9 +35,12 @@ class CallContext:
     One object per request, set once in a context variable; what changes during the request is
     changed on the object (an attribute write costs less than another context variable).
     ``waiting_hook``, when set, is called if the request has to wait for a replica or a batch.
+    ``replica`` is the :class:`~aioserve.replica.ReplicaContext` of the replica serving the
+    request, set when the replica starts it (and left in place: tasks the handler started keep
+    seeing it after the request ends).
     """
 
-    __slots__ = ("_request_id", "endpoint", "parent", "waiting_hook", "web")
+    __slots__ = ("_request_id", "endpoint", "parent", "replica", "waiting_hook", "web")
 
     def __init__(
         self,
@@ -50,6 +54,7 @@ class CallContext:
         self.web = web
         self.parent = parent
         self.waiting_hook: Callable[[], None] | None = None
+        self.replica: Any = None
 
     @property
     def request_id(self) -> str:
@@ -69,8 +74,18 @@ class CallContext:
 call_var: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "aioserve_call", default=None
 )
-# The ReplicaContext of the replica running the current user code (set by aioserve.replica).
+# The ReplicaContext of the replica running user code outside of a request (its constructor and
+# reconfigure(), or calls made without a CallContext); inside a request it is CallContext.replica.
 replica_var: contextvars.ContextVar[Any] = contextvars.ContextVar("aioserve_replica", default=None)
+
+
+def current_replica() -> Any:
+    """The ReplicaContext of the replica running the current code, or None outside of one."""
+    call = call_var.get()
+    if call is not None and call.replica is not None:
+        return call.replica
+    return replica_var.get()
+
 
 _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
@@ -98,7 +113,7 @@ def install_log_context() -> None:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         call = call_var.get()
-        replica = replica_var.get()
+        replica = current_replica()
         record.serve_request_id = call.request_id if call is not None else "-"
         record.serve_endpoint = call.endpoint if call is not None else "-"
         record.serve_backend = replica.backend_tag if replica is not None else "-"

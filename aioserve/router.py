@@ -20,6 +20,7 @@ from .backend import Backend
 from .exceptions import EndpointNotFound, NoTraffic
 from .metrics import Metrics, Series
 from .policy import Chooser, RoutePolicy, TrafficTable, make_chooser
+from .request import CallContext, call_var
 
 __all__ = ["Endpoint", "Router"]
 
@@ -197,7 +198,11 @@ class Router:
 async def _shadow(
     backend: Backend, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    # A shadow's result and errors are discarded; it never touches the primary request.
+    # A shadow's result and errors are discarded; it never touches the primary request. Its own
+    # CallContext (same request id, same web flag) records the replica serving the copy.
+    primary = call_var.get()
+    if primary is not None:
+        call_var.set(CallContext(primary.endpoint, primary.web, None, primary))
     try:
         await backend.call(method, args, kwargs, None)
     except Exception as exc:

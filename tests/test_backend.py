@@ -677,6 +677,75 @@ async def test_replica_context_outside_a_replica_raises(serve: Serve) -> None:
         get_replica_context()
 
 
+async def test_a_shadow_copy_and_its_primary_each_see_their_own_replica(
+    serve: Serve, gate: Gate
+) -> None:
+    # Both run at once, in tasks that share the primary's request: neither may see the other's.
+    async def where(x: Any) -> tuple[str, str]:
+        before = get_replica_context().backend_tag
+        await gate.pass_through(before)
+        return before, get_replica_context().backend_tag
+
+    shadow_saw: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+
+    async def shadow(x: Any) -> None:
+        shadow_saw.set_result(await where(x))
+
+    handle = await deploy(serve, "primary", where)
+    await serve.create_backend("copy", shadow)
+    await serve.shadow_traffic("primary", "copy", 1.0)
+    call = handle.remote(1)
+    await gate.until_inside(2)
+    gate.release.set()
+    assert await call == ("primary", "primary")
+    assert await asyncio.wait_for(shadow_saw, 10) == ("copy", "copy")
+
+
+async def test_code_a_request_starts_elsewhere_sees_its_own_replica(serve: Serve) -> None:
+    # A handler creating a backend (its constructor) and changing another's user_config (its
+    # reconfigure) runs them as that replica's own code, not as part of the request.
+    seen: dict[str, Any] = {}
+
+    class Made:
+        def __init__(self) -> None:
+            seen["init"] = get_replica_context().backend_tag, aioserve.context.request_id
+
+        def reconfigure(self, config: Any) -> None:
+            seen["reconfigure"] = get_replica_context().backend_tag, aioserve.context.request_id
+
+        def __call__(self) -> str:
+            return "made"
+
+    async def maker() -> str:
+        await serve.create_backend("made", Made)
+        await serve.update_backend_config("made", {"user_config": {"v": 2}})
+        return get_replica_context().backend_tag
+
+    handle = await deploy(serve, "maker", maker)
+    assert await handle.remote() == "maker"
+    assert seen == {"init": ("made", None), "reconfigure": ("made", None)}
+
+
+async def test_a_task_a_handler_starts_keeps_its_replica_after_the_request(serve: Serve) -> None:
+    later: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    done = asyncio.Event()
+
+    async def report() -> None:
+        await done.wait()
+        later.set_result(get_replica_context().backend_tag)
+
+    async def starts_a_task() -> str:
+        background.append(asyncio.create_task(report()))
+        return "answered"
+
+    background: list[asyncio.Task[None]] = []
+    handle = await deploy(serve, "starter", starts_a_task)
+    assert await handle.remote() == "answered"
+    done.set()  # the request is over; the task it started runs on
+    assert await asyncio.wait_for(later, 10) == "starter"  # turns a hang into a failure
+    await background[0]
+
+
 # -- sync code does not block the loop -------------------------------------------------------------
 
 

@@ -986,3 +986,18 @@ async def test_batch_decorator_validation_errors(serve: Serve) -> None:
     with pytest.raises(TypeError):  # a batched callable takes exactly one positional argument
         await handle.remote("a", "b")
     assert await handle.remote("a") == "a"
+
+
+async def test_a_batch_runs_as_none_of_its_requests(serve: Serve, http: httpx.AsyncClient) -> None:
+    # The queue's worker starts in the first request's context; later batches must not be
+    # answered, logged or watched as that request.
+    @aioserve.accept_batch
+    async def ids(requests: list[Any]) -> list[Any]:
+        return [str(aioserve.context.request_id) for _ in requests]
+
+    await deploy(serve, "ids", ids, config={"max_batch_size": 4}, route="/ids")
+    for request_id in ("first", "second"):
+        response = await http.get("/ids", headers={"X-Request-ID": request_id})
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == request_id
+        assert response.text == "None"
