@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -25,25 +24,9 @@ from starlette.routing import Mount, Route
 
 import aioserve
 from aioserve.serve import ServeState
+from aioserve.serve import _Server as ReadyServer  # uvicorn with a ready event, no signals
 
 pytestmark = pytest.mark.usefixtures("no_loop_errors")
-
-
-class ReadyServer(uvicorn.Server):
-    """uvicorn that says when it is listening, and leaves signal handling to pytest."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self.ready.set()
 
 
 @contextlib.asynccontextmanager
