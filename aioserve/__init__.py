@@ -39,6 +39,7 @@ from .exceptions import (
     ConfigError,
     ConfigTypeError,
     DeadlineExceeded,
+    DeploymentError,
     EndpointNotFound,
     MethodNotFound,
     NoTraffic,
@@ -48,8 +49,10 @@ from .exceptions import (
     RouteConflict,
     ServeError,
     ServeShutdown,
+    StoreError,
 )
 from .handle import RayServeHandle, ServeHandle
+from .metrics import BackendStatistics
 from .policy import RoutePolicy
 from .replica import ReplicaContext, get_replica_context
 from .request import PythonRequest, context
@@ -62,12 +65,14 @@ __all__ = [
     "BackendError",
     "BackendInUse",
     "BackendNotFound",
+    "BackendStatistics",
     "BatchError",
     "BindError",
     "Client",
     "ConfigError",
     "ConfigTypeError",
     "DeadlineExceeded",
+    "DeploymentError",
     "EndpointNotFound",
     "HTTPOptions",
     "MethodNotFound",
@@ -85,6 +90,7 @@ __all__ = [
     "ServeError",
     "ServeHandle",
     "ServeShutdown",
+    "StoreError",
     "SyncServeHandle",
     "__version__",
     "accept_batch",

@@ -34,7 +34,7 @@ from .exceptions import (
     Overloaded,
     ServeShutdown,
 )
-from .metrics import BackendGauges, Metrics
+from .metrics import BackendStatistics, Metrics
 from .replica import Replica, ReplicaState, UserCallable
 from .request import call_var
 
@@ -130,14 +130,14 @@ class Backend:
         batched = sum(q.queued for q in self._batch_queues.values())
         return running + self._num_waiting + batched
 
-    def gauges(self) -> BackendGauges:
-        """What the metrics gauges show of this backend now."""
+    def statistics(self) -> BackendStatistics:
+        """A snapshot of this backend's queue and replicas."""
         queued = self._num_waiting + sum(q.queued for q in self._batch_queues.values())
-        return BackendGauges(
-            self.tag,
-            queued,
-            len(self.replicas),
-            {r.replica_tag: r.in_flight for r in self.replicas},
+        return BackendStatistics(
+            tag=self.tag,
+            num_replicas=len(self.replicas),
+            num_queued=queued,
+            in_flight={r.replica_tag: r.in_flight for r in self.replicas},
         )
 
     @property

@@ -63,10 +63,10 @@ from typing import Any
 import uvicorn
 
 from ._concurrency import new_event_loop
+from ._importer import import_attr
 from .config import HTTPOptions
-from .deployment import Deployment, DeploymentError, load_deployment
-from .exceptions import BindError, ConfigError, ConfigTypeError
-from .replica import import_attr
+from .deployment import Deployment, load_deployment
+from .exceptions import BindError, ConfigError, ConfigTypeError, DeploymentError
 from .serve import Serve
 
 __all__ = ["main"]

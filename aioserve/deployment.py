@@ -51,33 +51,19 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._importer import import_attr
 from .config import BackendConfig, HTTPOptions
-from .exceptions import ConfigError, ServeError
+from .exceptions import ConfigError, DeploymentError, ServeError
 from .policy import validate_shadow_proportion, validate_traffic
-from .replica import import_attr
 
 if TYPE_CHECKING:
     from .serve import Serve
 
-__all__ = ["BackendSpec", "Deployment", "DeploymentError", "EndpointSpec", "load_deployment"]
-
-
-class DeploymentError(ConfigError):
-    """A deployment file that cannot be read or is invalid, or a step of :meth:`Deployment.apply`
-    that ``Serve`` refused.
-
-    ``str()`` is the whole report. ``errors`` holds its ``FILE:LINE: key.path: message`` lines, one
-    per problem (empty when the file could not be read). When raised by ``apply``, ``__cause__`` is
-    the error ``Serve`` raised.
-    """
-
-    def __init__(self, message: str, errors: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.errors: tuple[str, ...] = tuple(errors)
+__all__ = ["BackendSpec", "Deployment", "EndpointSpec", "load_deployment"]
 
 
 # -- locating keys in a TOML text ------------------------------------------------------------------

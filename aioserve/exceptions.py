@@ -12,20 +12,22 @@ exception a caller would naturally catch: ``except KeyError`` and ``except Serve
     ├── ConfigTypeError (TypeError)             an argument of the wrong type
     ├── EndpointNotFound (KeyError, ValueError) no endpoint with that name
     ├── MethodNotFound (AttributeError)         no such public method on the backend; HTTP 404
-    ├── Overloaded (RuntimeError)               queue bound reached; HTTP 503
-    │   └── NoTraffic (RuntimeError)            endpoint has no backend linked yet; HTTP 503
+    │   └── NoTraffic (ValueError)              endpoint has no backend linked yet; HTTP 503
+    ├── Overloaded (RuntimeError)               queue bound reached; HTTP 503 with Retry-After
     ├── DeadlineExceeded (TimeoutError)         the request's deadline passed before it started; 504
     ├── BatchError (RuntimeError)               a batch handler returned a wrong result
     ├── BackendError (RuntimeError)             a constructor or reconfigure() raised
     ├── ReplicaStopped (RuntimeError)           the replica serving the request was stopped (force)
     ├── ServeShutdown (RuntimeError)            the instance has been shut down
-    ├── StoreError (ValueError)                 a state file that is corrupt or not ours (store.py)
+    ├── StoreError (ValueError)                 state that cannot be stored, or a foreign file
     └── BindError (OSError)                     the HTTP server could not bind its address
 
 This module imports nothing of the package.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 __all__ = [
     "BackendError",
@@ -36,6 +38,7 @@ __all__ = [
     "ConfigError",
     "ConfigTypeError",
     "DeadlineExceeded",
+    "DeploymentError",
     "EndpointNotFound",
     "MethodNotFound",
     "NoTraffic",
@@ -45,6 +48,7 @@ __all__ = [
     "RouteConflict",
     "ServeError",
     "ServeShutdown",
+    "StoreError",
 ]
 
 
@@ -87,14 +91,32 @@ class MethodNotFound(ServeError, AttributeError):
     """The backend has no public method of that name."""
 
 
+class DeploymentError(ConfigError):
+    """A deployment file that cannot be read or is invalid, or a step of applying it that
+    ``Serve`` refused.
+
+    ``str()`` is the whole report. ``errors`` holds its ``FILE:LINE: key.path: message`` lines, one
+    per problem (empty when the file could not be read). When raised while applying, ``__cause__``
+    is the error ``Serve`` raised.
+    """
+
+    def __init__(self, message: str, errors: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.errors: tuple[str, ...] = tuple(errors)
+
+
+class NoTraffic(ConfigError):
+    """The endpoint has no backend to send requests to: a configuration to fix, not a load to
+    wait out (HTTP 503 without ``Retry-After``)."""
+
+
 class Overloaded(ServeError, RuntimeError):
-    """The request could not be admitted: the backend's queue is full. Retry later (HTTP 503)."""
+    """The request could not be admitted: the backend's queue is full. Retry after
+    ``retry_after_s`` seconds (HTTP 503 with ``Retry-After``)."""
 
-    retry_after_s: float = 1.0
-
-
-class NoTraffic(Overloaded):
-    """The endpoint has no backend to send the request to yet (HTTP 503)."""
+    def __init__(self, message: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(ServeError, TimeoutError):
@@ -115,6 +137,10 @@ class ReplicaStopped(ServeError, RuntimeError):
 
 class ServeShutdown(ServeError, RuntimeError):
     """The aioserve instance has been shut down."""
+
+
+class StoreError(ServeError, ValueError):
+    """The control state cannot be stored, or the state file cannot be used."""
 
 
 class BindError(ServeError, OSError):

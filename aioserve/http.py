@@ -16,6 +16,7 @@ import enum
 import inspect
 import json
 import logging
+import math
 import pathlib
 import re
 import traceback
@@ -38,6 +39,7 @@ from .exceptions import (
     DeadlineExceeded,
     EndpointNotFound,
     MethodNotFound,
+    NoTraffic,
     Overloaded,
     ReplicaStopped,
     ServeShutdown,
@@ -63,6 +65,7 @@ WATCH_RUNNING_AFTER_S = 0.05
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (DeadlineExceeded, 504),
     (Overloaded, 503),
+    (NoTraffic, 503),
     (ServeShutdown, 503),
     (ReplicaStopped, 503),
     (EndpointNotFound, 404),
@@ -379,7 +382,11 @@ class HTTPApp:
             return _plain(exc.status_code, str(exc.detail), exc.headers)
         for cls, status in _STATUS:
             if isinstance(exc, cls):
-                headers = {"Retry-After": "1"} if status == 503 else None
+                headers = (
+                    {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+                    if isinstance(exc, Overloaded)
+                    else None
+                )
                 logger.debug("Request failed with %d: %r", status, exc)
                 return _plain(status, f"{type(exc).__name__}: {exc}", headers)
         logger.error("Request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import functools
 import math
 import time
@@ -27,7 +28,7 @@ from prometheus_client.core import (
 
 from .exceptions import ConfigError, ConfigTypeError
 
-__all__ = ["CONTENT_TYPE", "BackendGauges", "Metrics", "Series"]
+__all__ = ["CONTENT_TYPE", "BackendStatistics", "Metrics", "Series"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -231,18 +232,23 @@ class Series:
             hist[log_index] = hist.get(log_index, 0) + n
 
 
-class BackendGauges:
-    """What the gauges read from a backend at scrape time."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackendStatistics:
+    """A snapshot of one backend (``Serve.backend_statistics``; the gauges read it too).
 
-    __slots__ = ("in_flight", "num_replicas", "queue_depth", "tag")
+    ``num_queued`` counts requests waiting for a replica or for a batch; ``in_flight`` maps each
+    replica in routing to the calls it runs now.
+    """
 
-    def __init__(
-        self, tag: str, queue_depth: int, num_replicas: int, in_flight: dict[str, int]
-    ) -> None:
-        self.tag = tag
-        self.queue_depth = queue_depth
-        self.num_replicas = num_replicas
-        self.in_flight = in_flight
+    tag: str
+    num_replicas: int
+    num_queued: int
+    in_flight: dict[str, int]
+
+    @property
+    def num_running(self) -> int:
+        """Calls running on the backend's routed replicas."""
+        return sum(self.in_flight.values())
 
 
 class Metrics:
@@ -253,7 +259,7 @@ class Metrics:
         *,
         gc_window_seconds: int = 3600,
         clock: Callable[[], float] = time.perf_counter,
-        gauges: Callable[[], Iterable[BackendGauges]] | None = None,
+        gauges: Callable[[], Iterable[BackendStatistics]] | None = None,
     ) -> None:
         if isinstance(gc_window_seconds, bool) or not isinstance(gc_window_seconds, int):
             raise ConfigTypeError(
@@ -337,7 +343,7 @@ class Metrics:
             entry = out["backends"].setdefault(
                 gauge.tag, _summarise([], now_s, percentiles, windows)
             )
-            entry["queue_depth"] = gauge.queue_depth
+            entry["queue_depth"] = gauge.num_queued
             entry["num_replicas"] = gauge.num_replicas
             entry["in_flight"] = sum(gauge.in_flight.values())
         return out
@@ -463,7 +469,7 @@ class _Collector:
             labels=["backend", "replica"],
         )
         for gauge in m.gauges() if m.gauges is not None else ():
-            depth.add_metric([gauge.tag], gauge.queue_depth)
+            depth.add_metric([gauge.tag], gauge.num_queued)
             replicas.add_metric([gauge.tag], gauge.num_replicas)
             for replica_tag, n in gauge.in_flight.items():
                 in_flight.add_metric([gauge.tag, replica_tag], n)

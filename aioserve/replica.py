@@ -18,7 +18,6 @@ import contextvars
 import dataclasses
 import enum
 import functools
-import importlib
 import inspect
 import logging
 import secrets
@@ -26,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ._concurrency import ReplicaThread, current_task
+from ._importer import import_attr
 from .batching import BatchQueue, accepts_batches, queue_owner
 from .exceptions import (
     BackendError,
@@ -43,7 +43,6 @@ __all__ = [
     "ReplicaState",
     "UserCallable",
     "get_replica_context",
-    "import_attr",
     "replica_var",
 ]
 
@@ -87,31 +86,6 @@ def get_replica_context() -> ReplicaContext:
         )
     assert isinstance(ctx, ReplicaContext)  # only replicas set the variable
     return ctx
-
-
-def import_attr(path: str) -> Any:
-    """Import ``"package.module:Name"`` or ``"package.module.Name"`` and return the object."""
-    if not isinstance(path, str) or not path.strip():
-        raise ConfigError(f"Import path must be a non-empty string, got {path!r}.")
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ConfigError(
-            f"Import path {path!r} must look like 'package.module:Name' or 'package.module.Name'."
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"Cannot import module {module_name!r} of {path!r}: {exc}") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"Module {module_name!r} has no attribute {attr!r}.") from None
-    return obj
 
 
 class _Kind(enum.Enum):

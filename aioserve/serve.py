@@ -34,7 +34,7 @@ from .exceptions import (
 )
 from .handle import HandleOptions, ServeHandle
 from .http import HTTPApp
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, BackendStatistics, Metrics
 from .policy import RoutePolicy, TrafficTable, make_chooser, validate_shadow_proportion
 from .policy import validate_traffic as _validate_traffic
 from .replica import UserCallable
@@ -86,7 +86,7 @@ class Serve:
         self._backends: dict[str, Backend] = {}
         self.metrics = Metrics(
             gc_window_seconds=gc_window_seconds,
-            gauges=lambda: [b.gauges() for b in list(self._backends.values())],
+            gauges=lambda: [b.statistics() for b in list(self._backends.values())],
         )
         self._router = Router(
             self._backends,
@@ -378,6 +378,10 @@ class Serve:
     def list_backends(self) -> dict[str, dict[str, Any]]:
         """``{tag: {"accepts_batches", "num_replicas", "max_batch_size", ...config}}``."""
         return {tag: backend.info() for tag, backend in self._backends.items()}
+
+    def backend_statistics(self, backend_tag: str) -> BackendStatistics:
+        """A snapshot of a backend: replicas, requests queued, calls in flight per replica."""
+        return self._backend(backend_tag).statistics()
 
     def get_backend_config(self, backend_tag: str) -> BackendConfig:
         """A copy of the backend's config (``max_concurrent_queries`` resolved)."""

@@ -31,9 +31,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._importer import import_attr
 from .config import BackendConfig
-from .exceptions import ConfigError, ServeError
-from .replica import import_attr
+from .exceptions import ConfigError, StoreError
 
 __all__ = [
     "APPLICATION_ID",
@@ -42,7 +42,6 @@ __all__ = [
     "EndpointRecord",
     "Snapshot",
     "StateStore",
-    "StoreError",
     "check_storable",
     "target_spec",
 ]
@@ -64,10 +63,6 @@ _JSON_HELP = (
     "Only JSON values can be stored: None, bool, int, float, str, list, and dict with str keys "
     "(a tuple would come back as a list, so pass a list)."
 )
-
-
-class StoreError(ServeError, ValueError):
-    """The control state cannot be stored, or the state file cannot be used."""
 
 
 # -- what can be stored ---------------------------------------------------------------------------

@@ -457,6 +457,8 @@ async def test_endpoint_without_a_backend_is_503(serve: Serve, http: httpx.Async
     r = await http.get("/pending")
     assert r.status_code == 503
     assert "pending" in r.text
+    # A misconfiguration, not a load: retrying later will not help until someone links a backend.
+    assert "retry-after" not in r.headers
     # Linking a backend makes it answer.
     await serve.create_backend("ready", lambda request: "ready")
     await serve.link("pending", "ready")
@@ -478,8 +480,9 @@ async def test_overload_is_a_fast_503_with_retry_after(
     running = asyncio.create_task(http.get("/busy"))
     await entered.wait()
     queued = asyncio.create_task(http.get("/busy"))
-    backend = serve.router._backends["busy"]  # no public queue-depth read on the instance
-    await wait_until(lambda: backend.num_waiting == 1, "the second request is queued")
+    await wait_until(
+        lambda: serve.backend_statistics("busy").num_queued == 1, "the second request is queued"
+    )
 
     async with asyncio.timeout(HANG_GUARD_S):  # "fast": it does not wait for the busy replica
         r = await http.get("/busy")

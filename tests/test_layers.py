@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "config": 1,
     "metrics": 1,
     "_concurrency": 1,
+    "_importer": 1,
     "policy": 2,
     "batching": 2,
     "replica": 2,
