@@ -5,6 +5,7 @@ The legacy Ray Serve backend/endpoint API on one event loop: ``import aioserve a
 
 from __future__ import annotations
 
+from ._types import Lifecycle
 from .api import (
     connect,
     create_backend,
@@ -28,8 +29,10 @@ from .api import (
     update_backend_config,
 )
 from .batching import accept_batch, batch
+from .callable import PythonRequest
 from .client import Client, RayServeSyncHandle, SyncServeHandle
 from .config import BackendConfig, HTTPOptions
+from .context import ReplicaContext, context, get_replica_context
 from .exceptions import (
     BackendError,
     BackendInUse,
@@ -54,8 +57,6 @@ from .exceptions import (
 from .handle import RayServeHandle, ServeHandle
 from .metrics import BackendStatistics
 from .policy import RoutePolicy
-from .replica import ReplicaContext, get_replica_context
-from .request import PythonRequest, context
 from .serve import Serve
 
 __version__ = "0.1.0"
@@ -75,6 +76,7 @@ __all__ = [
     "DeploymentError",
     "EndpointNotFound",
     "HTTPOptions",
+    "Lifecycle",
     "MethodNotFound",
     "NoTraffic",
     "Overloaded",

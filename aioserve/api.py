@@ -14,10 +14,10 @@ from typing import Any
 
 from .client import Client, SyncServeHandle
 from .config import BackendConfig, HTTPOptions
+from .context import current_replica
 from .exceptions import ConfigError, ConfigTypeError, ServeError
 from .handle import ServeHandle
 from .policy import RoutePolicy
-from .request import current_replica
 
 __all__ = [
     "connect",

@@ -1,57 +1,48 @@
-"""A backend: its replicas, the queue of requests waiting for one, scaling and draining.
+"""A backend: its replicas' slots, the requests waiting for one, scaling and draining.
 
-The request path through a backend is::
+The backend alone counts slots. Each replica is driven through the
+:class:`~aioserve._types.Runner` seam and never learns about slots::
 
-    call() --free slot?--> replica.call() in the caller's own task        (fast path, no queue)
-           --all full----> wait in the bounded queue (earliest deadline first)
-                           until release() hands a slot over directly      (no re-scan, no hop)
+    call() --a slot free?--> runner.call(call) in the caller's own task     (no queue, no hop)
+           --all full-----> wait in the one deadline queue (earliest deadline first)
+                            until a finished call hands its slot over directly
 
-A replica's slots are counted in ``replica.in_flight`` against its ``max_concurrent_queries``.
-When a call ends, :meth:`Backend._release` passes its slot straight to the next waiter, so a freed
-slot is never grabbed by a newcomer ahead of the queue. Batching callables go through one
-:class:`~aioserve.batching.BatchQueue` per method instead; a replica takes one batch at a time.
+:meth:`Backend._run` takes the slot back in its own ``finally`` around the runner's call (for a
+stream: when the stream ends; for work the runner cannot interrupt: when that work is done). A
+freed slot goes straight to the next waiter, so a newcomer never overtakes the queue. Batching
+methods gather their calls in a :class:`~aioserve.batching.BatchQueue`, which takes a slot for each
+batch it forms; it does not queue a second time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
-import heapq
-import itertools
 import logging
-import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._concurrency import TaskOwner
+from ._types import Call, Lifecycle, Runner, Stream
+from ._waitqueue import WaitQueue
 from .batching import BatchQueue
+from .callable import UserCallable
 from .config import BackendConfig
-from .exceptions import (
-    ConfigError,
-    ConfigTypeError,
-    DeadlineExceeded,
-    Overloaded,
-    ServeShutdown,
-)
+from .context import call_var
+from .exceptions import ConfigError, ConfigTypeError, DeadlineExceeded, ServeShutdown
 from .metrics import BackendStatistics, Metrics
-from .replica import Replica, ReplicaState, UserCallable
-from .request import call_var
 
 __all__ = ["Backend", "validate_backend_config"]
 
 logger = logging.getLogger(__name__)
 
-_INF = math.inf
 # Reading an enum member costs about 50 ns on 3.11; the request path compares with this instead.
-_RUNNING = ReplicaState.RUNNING
+_RUNNING = Lifecycle.RUNNING
 
-
-def _about_to_wait() -> None:
-    # The HTTP edge starts watching for a client that goes away only once its request waits.
-    call = call_var.get()
-    if call is not None and call.waiting_hook is not None:
-        call.waiting_hook()
+RunnerFactory = Callable[[str, UserCallable], Runner]
+"""Makes the runner of a new replica from the backend's tag and callable."""
 
 
 def validate_backend_config(tag: str, user_callable: UserCallable, config: BackendConfig) -> None:
@@ -68,6 +59,24 @@ def validate_backend_config(tag: str, user_callable: UserCallable, config: Backe
         )
 
 
+class _Replica:
+    """The backend's record of one replica: its runner and the slots taken on it."""
+
+    __slots__ = ("batching", "idle", "in_flight", "limit", "routed", "runner", "tag")
+
+    def __init__(self, runner: Runner, limit: int) -> None:
+        self.runner = runner
+        self.tag = runner.replica_tag
+        self.limit = limit
+        self.in_flight = 0
+        self.routed = True  # False once taken out of routing (scaled down, or the backend stops)
+        self.idle = asyncio.Event()
+        self.batching: set[str | None] = set()  # methods with a batch running here: one each
+
+    def __repr__(self) -> str:
+        return f"<replica {self.tag} in_flight={self.in_flight}/{self.limit}>"
+
+
 class Backend:
     """One backend: a user callable, its config, its replicas and its waiting requests."""
 
@@ -77,32 +86,46 @@ class Backend:
         user_callable: UserCallable,
         config: BackendConfig,
         *,
-        instance: Any = None,
+        runner_factory: RunnerFactory,
         metrics: Metrics | None = None,
     ) -> None:
         validate_backend_config(tag, user_callable, config)
-        self.metrics = metrics
         self.tag = tag
         self.callable = user_callable
         self.config = config
-        self.state = ReplicaState.STARTING
-        self.replicas: list[Replica] = []
-        self._instance = instance
-        self._queue: list[list[Any]] = []  # heap of [deadline, seq, future]
-        self._num_waiting = 0
-        self._seq = itertools.count()
+        self.metrics = metrics
+        self.state = Lifecycle.STARTING
+        self.replicas: list[_Replica] = []
+        self._new_runner = runner_factory
+        self._waiting: WaitQueue[None] = WaitQueue(
+            max_len=config.max_queued_queries,
+            overloaded=self._overloaded_message,
+            expired=self._expired_message,
+        )
+        self._waiting.on_change = self._check_drained
         self._batch_queues: dict[str | None, BatchQueue[Any, Any]] = {}
         self._retiring = TaskOwner(f"backend {tag!r} drains")
-        self._retiring_replicas: set[Replica] = set()  # out of routing, still draining
+        self._draining: set[_Replica] = set()  # out of routing, still finishing calls
         self._drained: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         return (
             f"<Backend {self.tag!r} {self.state.value} replicas={len(self.replicas)} "
-            f"waiting={self._num_waiting}>"
+            f"waiting={len(self._waiting)}>"
         )
 
-    # -- configuration --------------------------------------------------------------------------
+    def _overloaded_message(self, waiting: int, limit: int) -> str:
+        return (
+            f"Backend {self.tag!r} is overloaded: {waiting} request(s) already wait for a replica "
+            f"(max_queued_queries={limit}). Retry later."
+        )
+
+    def _expired_message(self) -> str:
+        return (
+            f"The request's deadline passed while it waited for a replica of backend {self.tag!r}."
+        )
+
+    # -- configuration and state ----------------------------------------------------------------
 
     @property
     def max_concurrent_queries(self) -> int:
@@ -123,317 +146,30 @@ class Backend:
         out.update(self.resolved_config().to_dict())
         return out
 
+    def _num_queued(self) -> int:
+        return len(self._waiting) + sum(q.queued for q in self._batch_queues.values())
+
     @property
     def load(self) -> int:
         """Requests running or waiting here (the PowerOfTwo policy compares this)."""
-        running = sum(r.in_flight for r in self.replicas)
-        batched = sum(q.queued for q in self._batch_queues.values())
-        return running + self._num_waiting + batched
+        return sum(r.in_flight for r in self.replicas) + self._num_queued()
 
     def statistics(self) -> BackendStatistics:
         """A snapshot of this backend's queue and replicas."""
-        queued = self._num_waiting + sum(q.queued for q in self._batch_queues.values())
         return BackendStatistics(
             tag=self.tag,
             num_replicas=len(self.replicas),
-            num_queued=queued,
-            in_flight={r.replica_tag: r.in_flight for r in self.replicas},
+            num_queued=self._num_queued(),
+            in_flight={r.tag: r.in_flight for r in self.replicas},
         )
-
-    @property
-    def num_waiting(self) -> int:
-        """Requests waiting for a free replica slot."""
-        return self._num_waiting
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def _new_replica(self, config: BackendConfig) -> Replica:
-        # Batches take one slot each; the batch queue bounds how many run (one per replica).
-        return Replica(
-            self.tag,
-            self.callable,
-            max_concurrent_queries=config.resolved_max_concurrent_queries(
-                is_async=self.callable.is_async
-            ),
-            release=self._release,
-            instance=self._instance,
-        )
-
-    async def _start_replicas(self, replicas: Sequence[Replica], user_config: Any) -> None:
-        # Concurrently: two constructors that wait on each other must both be able to finish.
-        results = await asyncio.gather(
-            *(r.start(user_config) for r in replicas), return_exceptions=True
-        )
-        errors = [e for e in results if isinstance(e, BaseException)]
-        if errors:
-            await asyncio.gather(*(r.aclose() for r in replicas))
-            raise errors[0]
-
-    async def start(self) -> None:
-        """Start ``num_replicas`` replicas; on any failure, stop them all and raise."""
-        replicas = [self._new_replica(self.config) for _ in range(self.config.num_replicas)]
-        await self._start_replicas(replicas, self.config.user_config)
-        self.replicas = replicas
-        self.state = ReplicaState.RUNNING
-
-    async def update(self, new: BackendConfig, *, reconfigure: bool) -> None:
-        """Apply a validated config to the live backend; returns once it is in force."""
-        validate_backend_config(self.tag, self.callable, new)
-        old = self.config
-        grow = new.num_replicas - len(self.replicas)
-        # Nothing is in force until every step has worked: the config is assigned at the end,
-        # and a failure (or a cancelled caller) undoes the steps taken.
-        added = [self._new_replica(new) for _ in range(max(grow, 0))]
-        changed: list[Replica] = []
-        try:
-            if added:
-                await self._start_replicas(added, new.user_config)
-            if reconfigure and new.user_config is not None:
-                results = await asyncio.gather(
-                    *(r.reconfigure(new.user_config) for r in self.replicas),
-                    return_exceptions=True,
-                )
-                changed = [r for r, e in zip(self.replicas, results, strict=True) if e is None]
-                errors = [e for e in results if isinstance(e, BaseException)]
-                if errors:
-                    raise errors[0]
-        except BaseException:
-            await asyncio.gather(*(r.aclose() for r in added))
-            if changed and old.user_config is not None:
-                # Put the old user_config back on the replicas that took the new one.
-                await asyncio.gather(
-                    *(r.reconfigure(old.user_config) for r in changed), return_exceptions=True
-                )
-            raise
-        self.config = new
-        limit = self.max_concurrent_queries
-        replicas = self.replicas + added
-        for replica in replicas:
-            replica.max_concurrent_queries = limit
-        if len(replicas) > new.num_replicas:
-            replicas, removed = replicas[: new.num_replicas], replicas[new.num_replicas :]
-            for replica in removed:
-                replica.state = ReplicaState.DRAINING
-                self._retiring_replicas.add(replica)
-                self._retiring.spawn(self._retire(replica), name=f"retire {replica.replica_tag}")
-        self.replicas = replicas
-        for queue in self._batch_queues.values():
-            queue.configure(
-                max_batch_size=new.max_batch_size or 1,
-                batch_wait_timeout_s=new.batch_wait_timeout,
-                max_concurrent_batches=len(replicas),
-                max_queued=new.max_queued_queries,
-            )
-        self._dispatch_waiters()
-
-    async def _retire(self, replica: Replica) -> None:
-        """Drain a replica taken out of routing, then stop it (also when cancelled)."""
-        try:
-            if replica.in_flight:
-                await asyncio.wait_for(
-                    replica.idle.wait(), timeout=self.config.graceful_shutdown_timeout_s
-                )
-        except TimeoutError:
-            logger.warning(
-                "Replica %s still had %d request(s) after %.1f s of draining; cancelling them.",
-                replica.replica_tag,
-                replica.in_flight,
-                self.config.graceful_shutdown_timeout_s,
-            )
-        finally:
-            replica.kill()
-            await replica.aclose()
-            self._retiring_replicas.discard(replica)
-
-    async def aclose(self, *, force: bool = False) -> None:
-        """Stop admitting; drain queued and running work (unless ``force``); stop. Idempotent."""
-        if self.state in (ReplicaState.DRAINING, ReplicaState.STOPPED):
-            return
-        self.state = ReplicaState.DRAINING
-        timeout = self.config.graceful_shutdown_timeout_s
-        queues = list(self._batch_queues.values())
-        if not force:
-            self._drained = asyncio.Event()
-            self._check_drained()
-            results = await asyncio.gather(
-                asyncio.wait_for(self._drained.wait(), timeout),
-                *(q.aclose(drain_timeout_s=timeout) for q in queues),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result, TimeoutError):
-                    raise result
-        self._fail_waiters(
-            ServeShutdown(f"Backend {self.tag!r} stopped before the request could start.")
-        )
-        for queue in queues:
-            await queue.aclose()
-        for replica in self.replicas:
-            replica.state = ReplicaState.DRAINING
-            replica.kill()
-        await self._retiring.aclose()
-        await asyncio.gather(*(r.aclose() for r in self.replicas))
-        self.state = ReplicaState.STOPPED
-
-    # -- the request path -----------------------------------------------------------------------
-
-    async def call(
-        self,
-        method: str | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline: float | None,
-    ) -> Any:
-        """Run one request on a replica of this backend and return its result."""
-        if self.state is not _RUNNING:
-            raise ServeShutdown(f"Backend {self.tag!r} is shutting down; it takes no new requests.")
-        if deadline is not None and deadline <= asyncio.get_running_loop().time():
-            raise DeadlineExceeded(
-                f"The request's deadline passed before backend {self.tag!r} could start it."
-            )
-        if self.callable.accepts_batches and self.callable.method_accepts_batches(method):
-            return await self._call_batched(method, args, kwargs, deadline)
-        replica = None if self._num_waiting else self._try_acquire()
-        if replica is None:
-            replica = await self._wait(deadline, bounded=True)
-        return await replica.call(method, args, kwargs)
-
-    def _try_acquire(self) -> Replica | None:
-        best: Replica | None = None
-        best_load = 1 << 62
-        for replica in self.replicas:
-            n = replica.in_flight
-            if n < best_load and n < replica.max_concurrent_queries:
-                best, best_load = replica, n
-                if n == 0:
-                    break
-        if best is not None:
-            best.in_flight += 1
-        return best
-
-    async def _wait(self, deadline: float | None, *, bounded: bool) -> Replica:
-        """Queue until a slot is handed over; the returned replica's slot is already taken."""
-        limit = self.config.max_queued_queries
-        if bounded and limit is not None and self._num_waiting >= limit:
-            raise Overloaded(
-                f"Backend {self.tag!r} is overloaded: {self._num_waiting} request(s) already wait "
-                f"for a replica (max_queued_queries={limit}). Retry later."
-            )
-        _about_to_wait()
-        loop = asyncio.get_running_loop()
-        queue = self._queue
-        if len(queue) > 64 and len(queue) > 2 * self._num_waiting:
-            # Withdrawn entries are removed lazily; compact once they dominate.
-            queue[:] = [e for e in queue if not e[2].done()]
-            heapq.heapify(queue)
-        future: asyncio.Future[Replica] = loop.create_future()
-        entry = [_INF if deadline is None else deadline, next(self._seq), future]
-        # The timer first: if it cannot be made, nothing has been queued yet.
-        timer = None if deadline is None else loop.call_at(deadline, self._expire, entry)
-        heapq.heappush(queue, entry)
-        self._num_waiting += 1
-        started = loop.time()
-        try:
-            replica = await future
-            if self.metrics is not None:
-                self.metrics.observe_queue_wait(self.tag, loop.time() - started)
-            return replica
-        except asyncio.CancelledError:
-            if future.cancelled():
-                self._num_waiting -= 1
-                if self._drained is not None:
-                    self._check_drained()
-            elif future.exception() is None:
-                self._release(future.result())
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def _expire(self, entry: list[Any]) -> None:
-        future: asyncio.Future[Replica] = entry[2]
-        if not future.done():
-            self._num_waiting -= 1
-            future.set_exception(
-                DeadlineExceeded(
-                    f"The request's deadline passed while it waited for a replica of backend "
-                    f"{self.tag!r}."
-                )
-            )
-            if self._drained is not None:
-                self._check_drained()
-
-    def _hand_off(self, replica: Replica) -> bool:
-        """Give ``replica``'s slot, already counted, to the next live waiter."""
-        queue = self._queue
-        now = -_INF
-        while queue:
-            deadline, _, future = heapq.heappop(queue)
-            if future.done():
-                continue
-            self._num_waiting -= 1
-            if deadline != _INF:
-                if now == -_INF:
-                    now = asyncio.get_running_loop().time()
-                if deadline <= now:
-                    future.set_exception(
-                        DeadlineExceeded(
-                            f"The request's deadline passed while it waited for a replica of "
-                            f"backend {self.tag!r}."
-                        )
-                    )
-                    continue
-            future.set_result(replica)
-            return True
-        return False
-
-    def _release(self, replica: Replica) -> None:
-        """A call on ``replica`` is over: pass its slot to a waiter, or free it."""
-        if (
-            self._num_waiting
-            and replica.state is _RUNNING
-            and replica.in_flight <= replica.max_concurrent_queries
-            and self._hand_off(replica)
-        ):
-            return
-        replica.in_flight -= 1
-        if replica.in_flight == 0 and replica.state is not _RUNNING:
-            replica.idle.set()
-        if self._drained is not None:
-            self._check_drained()
-
-    def _dispatch_waiters(self) -> None:
-        """Capacity grew: hand the new free slots to waiting requests."""
-        while self._num_waiting:
-            replica = self._try_acquire()
-            if replica is None:
-                return
-            if not self._hand_off(replica):
-                replica.in_flight -= 1
-                return
-
-    def _fail_waiters(self, exc: BaseException) -> None:
-        queue, self._queue = self._queue, []
-        for _, _, future in queue:
-            if not future.done():
-                future.set_exception(exc)
-                # Waiters already cancelled count themselves out when their task resumes.
-                self._num_waiting -= 1
-
-    def _check_drained(self) -> None:
-        if self._drained is not None and self.idle:
-            self._drained.set()
 
     @property
     def idle(self) -> bool:
-        """No request waits for a slot or runs, on routed replicas or on ones still draining.
-
-        Batch queues drain on their own (``BatchQueue.aclose``); their dispatches hold slots.
-        """
+        """No request waits or runs, on routed replicas or on ones still draining."""
         return (
-            not self._num_waiting
+            not len(self._waiting)
             and not any(r.in_flight for r in self.replicas)
-            and not any(r.in_flight for r in self._retiring_replicas)
+            and not any(r.in_flight for r in self._draining)
         )
 
     async def wait_idle(self) -> None:
@@ -442,41 +178,335 @@ class Backend:
         self._check_drained()
         await self._drained.wait()
 
+    def _check_drained(self) -> None:
+        if self._drained is not None and self.idle:
+            self._drained.set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def _start_replicas(self, count: int, config: BackendConfig) -> list[_Replica]:
+        limit = config.resolved_max_concurrent_queries(is_async=self.callable.is_async)
+        replicas = [
+            _Replica(self._new_runner(self.tag, self.callable), limit) for _ in range(count)
+        ]
+        # Concurrently: two constructors that wait on each other must both be able to finish.
+        results = await asyncio.gather(
+            *(r.runner.start(config.user_config) for r in replicas), return_exceptions=True
+        )
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            await asyncio.gather(*(r.runner.aclose() for r in replicas))
+            raise errors[0]
+        return replicas
+
+    async def start(self) -> None:
+        """Start ``num_replicas`` replicas; on any failure, stop them all and raise."""
+        self.replicas = await self._start_replicas(self.config.num_replicas, self.config)
+        self.state = Lifecycle.RUNNING
+
+    async def update(self, new: BackendConfig, *, reconfigure: bool) -> None:
+        """Apply a validated config to the live backend; returns once it is in force.
+
+        Nothing is in force until every step has worked: a failure (or a cancelled caller) stops
+        the replicas it added and puts the old ``user_config`` back where the new one was taken.
+        """
+        validate_backend_config(self.tag, self.callable, new)
+        old = self.config
+        added: list[_Replica] = []
+        changed: list[_Replica] = []
+        try:
+            grow = new.num_replicas - len(self.replicas)
+            if grow > 0:
+                added = await self._start_replicas(grow, new)
+            if reconfigure and new.user_config is not None:
+                results = await asyncio.gather(
+                    *(r.runner.reconfigure(new.user_config) for r in self.replicas),
+                    return_exceptions=True,
+                )
+                changed = [r for r, e in zip(self.replicas, results, strict=True) if e is None]
+                errors = [e for e in results if isinstance(e, BaseException)]
+                if errors:
+                    raise errors[0]
+        except BaseException:
+            await asyncio.gather(*(r.runner.aclose() for r in added))
+            if changed and old.user_config is not None:
+                await asyncio.gather(
+                    *(r.runner.reconfigure(old.user_config) for r in changed),
+                    return_exceptions=True,
+                )
+            raise
+        self.config = new
+        self._waiting.max_len = new.max_queued_queries
+        limit = self.max_concurrent_queries
+        replicas = self.replicas + added
+        for replica in replicas:
+            replica.limit = limit
+        for replica in replicas[new.num_replicas :]:
+            self._retire(replica)
+        self.replicas = replicas[: new.num_replicas]
+        for queue in self._batch_queues.values():
+            queue.configure(
+                max_batch_size=new.max_batch_size or 1,
+                batch_wait_timeout_s=new.batch_wait_timeout,
+                max_queued=new.max_queued_queries,
+            )
+        self._grant_free_slots()
+
+    def _retire(self, replica: _Replica) -> None:
+        """Take a replica out of routing; it drains, then stops, in a task of its own."""
+        replica.routed = False
+        self._draining.add(replica)
+        if not replica.in_flight:
+            replica.idle.set()
+        self._retiring.spawn(self._drain_replica(replica), name=f"retire {replica.tag}")
+
+    async def _drain_replica(self, replica: _Replica) -> None:
+        timeout = self.config.graceful_shutdown_timeout_s
+        try:
+            await asyncio.wait_for(replica.idle.wait(), timeout=timeout)
+        except TimeoutError:
+            logger.warning(
+                "Replica %s still had %d request(s) after %.1f s of draining; cancelling them.",
+                replica.tag,
+                replica.in_flight,
+                timeout,
+            )
+        finally:
+            replica.runner.kill()
+            await replica.runner.aclose()
+            self._draining.discard(replica)
+            self._check_drained()
+
+    async def aclose(self, *, force: bool = False) -> None:
+        """Stop admitting; drain queued and running work (unless ``force``); stop. Idempotent."""
+        if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPED):
+            return
+        self.state = Lifecycle.DRAINING
+        timeout = self.config.graceful_shutdown_timeout_s
+        queues = list(self._batch_queues.values())
+        if not force:
+            results = await asyncio.gather(
+                asyncio.wait_for(self.wait_idle(), timeout),
+                *(q.aclose(drain_timeout_s=timeout) for q in queues),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, TimeoutError):
+                    raise result
+        self._waiting.fail_all(
+            ServeShutdown(f"Backend {self.tag!r} stopped before the request could start.")
+        )
+        for queue in queues:
+            await queue.aclose()
+        for replica in self.replicas:
+            replica.routed = False
+            replica.runner.kill()
+        await self._retiring.aclose()
+        await asyncio.gather(*(r.runner.aclose() for r in self.replicas))
+        self.state = Lifecycle.STOPPED
+
+    # -- the request path -----------------------------------------------------------------------
+
+    async def call(self, call: Call) -> Any:
+        """Run one request on a replica of this backend and return its result."""
+        if self.state is not _RUNNING:
+            raise ServeShutdown(f"Backend {self.tag!r} is shutting down; it takes no new requests.")
+        deadline = call.deadline
+        if deadline is not None and deadline <= asyncio.get_running_loop().time():
+            raise DeadlineExceeded(
+                f"The request's deadline passed before backend {self.tag!r} could start it."
+            )
+        if self.callable.accepts_batches and self.callable.method_accepts_batches(call.method):
+            return await self._call_batched(call)
+        replica = None if len(self._waiting) else self._acquire()
+        if replica is None:
+            replica = await self._wait(call)
+        return await self._run(replica, call)
+
+    async def _run(self, replica: _Replica, call: Call) -> Any:
+        """Run ``call`` on ``replica``, whose slot the caller holds; give the slot back after."""
+        kept = False
+        try:
+            result = await replica.runner.call(call)
+            if isinstance(result, Stream):
+                kept = True
+                return _HeldStream(result, functools.partial(self._release, replica))
+            return result
+        finally:
+            lingering = call.lingering
+            if lingering is not None:
+                # The caller left, the work goes on (a sync handler on its thread): the slot
+                # comes back when the work is done.
+                kept = True
+                loop = asyncio.get_running_loop()
+                lingering.add_done_callback(
+                    lambda _: _call_soon(loop, functools.partial(self._release, replica))
+                )
+            if not kept:
+                self._release(replica)
+
+    def _acquire(self) -> _Replica | None:
+        """Take a slot on the least-loaded routed replica with one free, or return None."""
+        best: _Replica | None = None
+        best_load = 1 << 62
+        for replica in self.replicas:
+            n = replica.in_flight
+            if n < best_load and n < replica.limit:
+                best, best_load = replica, n
+                if n == 0:
+                    break
+        if best is not None:
+            best.in_flight += 1
+        return best
+
+    async def _wait(self, call: Call) -> _Replica:
+        """Queue until a slot is handed over; the returned replica's slot is already taken."""
+        waiting = self._waiting
+        waiting.check_room()
+        if call.on_wait is not None:
+            call.on_wait()
+        loop = asyncio.get_running_loop()
+        waiter = waiting.put(loop, None, call.deadline)
+        future: asyncio.Future[_Replica] = waiter.future
+        try:
+            replica = await future
+        except asyncio.CancelledError:
+            if waiting.withdraw(waiter):
+                self._check_drained()
+            elif future.done() and not future.cancelled() and future.exception() is None:
+                self._release(future.result())  # handed a slot just as the caller gave up
+            raise
+        if self.metrics is not None:
+            self.metrics.observe_queue_wait(self.tag, loop.time() - waiter.arrival)
+        return replica
+
+    def _release(self, replica: _Replica) -> None:
+        """A call on ``replica`` is over: pass its slot to a waiter, or free it."""
+        waiting = self._waiting
+        if len(waiting) and replica.routed and replica.in_flight <= replica.limit:
+            waiter = waiting.pop(asyncio.get_running_loop().time())
+            if waiter is not None:
+                waiter.future.set_result(replica)
+                return
+        replica.in_flight -= 1
+        if replica.in_flight == 0 and not replica.routed:
+            replica.idle.set()
+        if self._batch_queues:
+            for queue in self._batch_queues.values():
+                queue.wake()
+        if self._drained is not None:
+            self._check_drained()
+
+    def _grant_free_slots(self) -> None:
+        """Capacity grew: hand the new free slots to waiting requests and batch queues."""
+        now = asyncio.get_running_loop().time()
+        while len(self._waiting):
+            replica = self._acquire()
+            if replica is None:
+                break
+            waiter = self._waiting.pop(now)
+            if waiter is None:
+                self._release(replica)
+                break
+            waiter.future.set_result(replica)
+        for queue in self._batch_queues.values():
+            queue.wake()
+
     # -- batching -------------------------------------------------------------------------------
 
-    async def _call_batched(
-        self,
-        method: str | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline: float | None,
-    ) -> Any:
-        if kwargs or len(args) != 1:
+    async def _call_batched(self, call: Call) -> Any:
+        if call.kwargs or len(call.args) != 1:
             raise ConfigTypeError(
                 f"Calls to the batching backend {self.tag!r} take exactly one positional "
-                f"argument, got {len(args)} positional and keyword argument(s) {sorted(kwargs)!r}."
+                f"argument, got {len(call.args)} positional and keyword argument(s) "
+                f"{sorted(call.kwargs)!r}."
             )
+        method = call.method
         queue = self._batch_queues.get(method)
         if queue is None:
             queue = self._batch_queues[method] = BatchQueue(
-                self._batch_dispatcher(method),
+                functools.partial(self._run_batch, method),
                 max_batch_size=self.config.max_batch_size or 1,
                 batch_wait_timeout_s=self.config.batch_wait_timeout,
-                max_concurrent_batches=len(self.replicas),
                 max_queued=self.config.max_queued_queries,
                 name=self.tag,
+                acquire=functools.partial(self._acquire_for_batch, method),
+                give_back=functools.partial(self._give_back_batch_slot, method),
             )
             if self.metrics is not None:
                 queue.on_batch = functools.partial(self.metrics.observe_batch, self.tag)
-        _about_to_wait()
-        return await queue.submit(args[0], deadline)
+        if call.on_wait is not None:
+            call.on_wait()
+        return await queue.submit(call.args[0], call.deadline)
 
-    def _batch_dispatcher(self, method: str | None) -> Callable[[list[Any]], Awaitable[Any]]:
-        async def dispatch(items: list[Any]) -> Any:
-            # A batch serves several requests: it runs as none of them (its task inherited the
-            # context of whichever request happened to start the queue's worker).
-            call_var.set(None)
-            replica = self._try_acquire() or await self._wait(None, bounded=False)
-            return await replica.call(method, (items,), {})
+    def _acquire_for_batch(self, method: str | None) -> _Replica | None:
+        """A slot for a batch of ``method``: on a replica running no batch of it (a replica
+        takes one batch of a method at a time), after every request waiting for a slot."""
+        if len(self._waiting) or self.state is not _RUNNING:
+            return None
+        best: _Replica | None = None
+        best_load = 1 << 62
+        for replica in self.replicas:
+            n = replica.in_flight
+            if n < best_load and n < replica.limit and method not in replica.batching:
+                best, best_load = replica, n
+        if best is not None:
+            best.in_flight += 1
+            best.batching.add(method)
+        return best
 
-        return dispatch
+    def _give_back_batch_slot(self, method: str | None, replica: _Replica) -> None:
+        replica.batching.discard(method)
+        self._release(replica)
+
+    async def _run_batch(self, method: str | None, items: Sequence[Any], replica: _Replica) -> Any:
+        # A batch serves several requests: it runs as none of them (its task inherited the
+        # context of whichever request started the batch queue's worker).
+        call_var.set(None)
+        try:
+            return await self._run(replica, Call(self.tag, (list(items),), method=method))
+        finally:
+            replica.batching.discard(method)
+            self._batch_queues[method].wake()
+
+
+class _HeldStream(Stream):
+    """A runner's stream that gives its replica slot back when it ends or is closed."""
+
+    __slots__ = ("_release", "_stream")
+
+    def __init__(self, stream: Stream, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __anext__(self) -> Any:
+        if self._release is None:
+            raise StopAsyncIteration
+        try:
+            return await self._stream.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        release, self._release = self._release, None
+        if release is None:
+            return
+        try:
+            await self._stream.aclose()
+        finally:
+            release()
+
+    def __del__(self) -> None:
+        # Dropped without being read to the end: the slot must not stay taken.
+        release = self._release
+        if release is not None:
+            self._release = None
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon(release)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    # A closed loop has nothing left to release the slot to.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)

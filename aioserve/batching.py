@@ -19,24 +19,22 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import heapq
 import inspect
 import logging
 import math
 import reprlib
 import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
 from types import EllipsisType, MethodType
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
-from aioserve.exceptions import (
+from ._waitqueue import Waiter, WaitQueue
+from .config import check_int, check_seconds
+from .exceptions import (
     BatchError,
-    ConfigError,
     ConfigTypeError,
     DeadlineExceeded,
-    Overloaded,
     ServeShutdown,
 )
 
@@ -61,27 +59,16 @@ _BATCH_PARAMS_ATTR = "__serve_batch_params__"
 
 
 def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigTypeError(f"{name} must be an int >= 1, got {value!r}.")
-    if value < 1:
-        raise ConfigError(f"{name} must be an int >= 1, got {value!r}.")
-    return value
+    size: int = check_int(name, value)
+    return size
 
 
 def _check_bound(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigTypeError(f"{name} must be None (unbounded) or an int >= 1, got {value!r}.")
-    return _check_size(name, value)
+    bound: int | None = check_int(name, value, optional=True)
+    return bound
 
 
-def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigTypeError(f"{name} must be a number of seconds >= 0, got {value!r}.")
-    if math.isnan(value) or value < 0:
-        raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}.")
-    return float(value)
+_check_seconds = check_seconds
 
 
 def _describe(value: object) -> str:
@@ -107,22 +94,6 @@ class BatchQueueStats:
     batch_wait_timeout_s: float
 
 
-class _Entry(Generic[T, R]):
-    """One queued item and the future its caller awaits."""
-
-    __slots__ = ("arrival", "deadline", "future", "item", "seq", "timer")
-
-    def __init__(
-        self, item: T, future: asyncio.Future[R], deadline: float, seq: int, arrival: float
-    ) -> None:
-        self.item = item
-        self.future = future
-        self.deadline = deadline
-        self.seq = seq
-        self.arrival = arrival
-        self.timer: asyncio.TimerHandle | None = None
-
-
 class BatchQueue(Generic[T, R]):
     """Collects items submitted one at a time into batches for an async ``dispatch(items)``.
 
@@ -130,6 +101,12 @@ class BatchQueue(Generic[T, R]):
     item, in order. A result of another type or length fails every caller of that batch with
     :class:`BatchError`; an exception raised by ``dispatch`` is raised to every caller of that
     batch. The queue goes on serving either way.
+
+    Capacity: by default at most ``max_concurrent_batches`` batches run at once. With ``acquire``,
+    the owner decides instead: before forming a batch the queue calls ``acquire()``, which returns
+    a token (a free slot, say) or None when there is no capacity now; the token is passed on as
+    ``dispatch(items, token)``, and the owner calls :meth:`wake` when capacity may have returned.
+    A token the queue ends up not using (every item expired meanwhile) goes to ``give_back``.
 
     The queue owns one worker task (started on the first :meth:`submit`, and again after it went
     idle) and one task per running batch; :meth:`aclose` ends them all.
@@ -140,28 +117,35 @@ class BatchQueue(Generic[T, R]):
 
     def __init__(
         self,
-        dispatch: Callable[[list[T]], Awaitable[Sequence[R]]],
+        dispatch: Callable[..., Awaitable[Sequence[R]]],
         *,
         max_batch_size: int,
         batch_wait_timeout_s: float,
         max_concurrent_batches: int = 1,
         max_queued: int | None = None,
         name: str = "",
+        acquire: Callable[[], object | None] | None = None,
+        give_back: Callable[[Any], None] | None = None,
     ) -> None:
         self._max_batch_size = _check_size("max_batch_size", max_batch_size)
         self._batch_wait_timeout_s = _check_seconds("batch_wait_timeout_s", batch_wait_timeout_s)
         self._max_concurrent_batches = _check_size("max_concurrent_batches", max_concurrent_batches)
-        self._max_queued = _check_bound("max_queued", max_queued)
         self._dispatch = dispatch
+        if (acquire is None) != (give_back is None):
+            raise ConfigTypeError("acquire and give_back go together: pass both or neither.")
+        self._acquire = acquire
+        self._give_back = give_back
         self.name = name
         self.on_batch = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._running: dict[asyncio.Task[None], list[_Entry[T, R]]] = {}
-        # Heap of (deadline, seq, entry); entries leave it lazily, `_live` is the truth.
-        self._heap: list[tuple[float, int, _Entry[T, R]]] = []
-        self._live: OrderedDict[int, _Entry[T, R]] = OrderedDict()
-        self._seq = 0
+        self._running: dict[asyncio.Task[None], list[Waiter[T]]] = {}
+        self._waiting: WaitQueue[T] = WaitQueue(
+            max_len=_check_bound("max_queued", max_queued),
+            overloaded=self._overloaded_message,
+            expired=self._expired_message,
+        )
+        self._waiting.on_change = self._notify
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
         self._closing = False
@@ -174,13 +158,25 @@ class BatchQueue(Generic[T, R]):
             f"max_batch_size={self._max_batch_size}, "
             f"batch_wait_timeout_s={self._batch_wait_timeout_s}, "
             f"max_concurrent_batches={self._max_concurrent_batches}, "
-            f"max_queued={self._max_queued}, closed={self._closing})"
+            f"max_queued={self._waiting.max_len}, closed={self._closing})"
+        )
+
+    def _overloaded_message(self, waiting: int, limit: int) -> str:
+        return (
+            f"Backend {self.name!r} is overloaded: {waiting} request(s) already wait "
+            f"for a batch (max_queued_queries={limit}). Retry later."
+        )
+
+    def _expired_message(self) -> str:
+        return (
+            f"The request's deadline passed while it waited in batch queue {self.name!r}; "
+            "it was not run."
         )
 
     @property
     def queued(self) -> int:
         """Items waiting to be put in a batch (cancelled and expired items not counted)."""
-        return len(self._live)
+        return len(self._waiting)
 
     @property
     def running(self) -> int:
@@ -195,7 +191,7 @@ class BatchQueue(Generic[T, R]):
     def statistics(self) -> BatchQueueStats:
         """Return a snapshot of the queue's state and totals."""
         return BatchQueueStats(
-            queued=len(self._live),
+            queued=len(self._waiting),
             running=len(self._running),
             num_batches=self._num_batches,
             num_items=self._num_items,
@@ -228,7 +224,7 @@ class BatchQueue(Generic[T, R]):
             else _check_size("max_concurrent_batches", max_concurrent_batches)
         )
         bound = (
-            self._max_queued
+            self._waiting.max_len
             if isinstance(max_queued, EllipsisType)
             else _check_bound("max_queued", max_queued)
         )
@@ -238,8 +234,13 @@ class BatchQueue(Generic[T, R]):
             self._batch_wait_timeout_s = timeout
         if concurrency is not None:
             self._max_concurrent_batches = concurrency
-        self._max_queued = bound
+        self._waiting.max_len = bound
         self._notify()
+
+    def wake(self) -> None:
+        """Capacity may have returned (see ``acquire``): look again."""
+        if len(self._waiting):
+            self._wakeup.set()
 
     async def submit(self, item: T, deadline: float | None = None) -> R:
         """Queue ``item`` and return its result once its batch has been dispatched.
@@ -253,11 +254,7 @@ class BatchQueue(Generic[T, R]):
         """
         if self._closing:
             raise ServeShutdown(f"Batch queue {self.name!r} is closed; it accepts no new requests.")
-        if self._max_queued is not None and len(self._live) >= self._max_queued:
-            raise Overloaded(
-                f"Backend {self.name!r} is overloaded: {len(self._live)} request(s) already wait "
-                f"for a batch (max_queued_queries={self._max_queued}). Retry later."
-            )
+        self._waiting.check_room()
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._loop is not None:
@@ -272,22 +269,16 @@ class BatchQueue(Generic[T, R]):
                 f"The request's deadline passed {now - deadline:.3f} s before it reached "
                 f"batch queue {self.name!r}; it was not run."
             )
-        future: asyncio.Future[R] = loop.create_future()
-        self._seq += 1
-        entry = _Entry(item, future, math.inf if deadline is None else deadline, self._seq, now)
-        heapq.heappush(self._heap, (entry.deadline, entry.seq, entry))
-        self._live[entry.seq] = entry
-        if deadline is not None:
-            entry.timer = loop.call_at(deadline, self._expire, entry)
+        waiter = self._waiting.put(loop, item, deadline)
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work(), name=f"aioserve-batch-worker:{self.name}")
         self._notify()
         try:
-            return await future
+            result: R = await waiter.future
+            return result
         finally:
-            if entry.seq in self._live:
+            if self._waiting.withdraw(waiter):
                 # The caller was cancelled while the item waited: it must never be dispatched.
-                self._remove(entry)
                 self._notify()
 
     async def aclose(self, drain_timeout_s: float = 0.0) -> None:
@@ -322,54 +313,34 @@ class BatchQueue(Generic[T, R]):
 
     def _notify(self) -> None:
         self._wakeup.set()
-        if self._closing and not self._live and not self._running:
+        if self._closing and not len(self._waiting) and not self._running:
             self._drained.set()
-
-    def _remove(self, entry: _Entry[T, R]) -> None:
-        del self._live[entry.seq]
-        if entry.timer is not None:
-            entry.timer.cancel()
-            entry.timer = None
-        # Cancelled entries stay in the heap until popped; rebuild before they dominate it.
-        if len(self._heap) > 2 * len(self._live) + 64:
-            self._heap = [node for node in self._heap if node[1] in self._live]
-            heapq.heapify(self._heap)
-
-    def _expire(self, entry: _Entry[T, R]) -> None:
-        entry.timer = None  # _remove() cancels the timer of any entry that leaves earlier
-        self._remove(entry)
-        if not entry.future.done():
-            entry.future.set_exception(self._deadline_error())
-        self._notify()
-
-    def _deadline_error(self) -> DeadlineExceeded:
-        return DeadlineExceeded(
-            f"The request's deadline passed while it waited in batch queue {self.name!r}; "
-            "it was not run."
-        )
 
     def _flush_at(self) -> float:
         """When the batch being gathered must go out: now, or the oldest item's timeout."""
         if (
             self._closing
             or self._batch_wait_timeout_s == 0
-            or len(self._live) >= self._max_batch_size
+            or len(self._waiting) >= self._max_batch_size
         ):
             return -math.inf
-        oldest = next(iter(self._live.values()))
-        return oldest.arrival + self._batch_wait_timeout_s
+        return self._waiting.oldest_arrival + self._batch_wait_timeout_s
+
+    def _has_capacity(self) -> bool:
+        return self._acquire is not None or len(self._running) < self._max_concurrent_batches
 
     async def _work(self) -> None:
         # Exits when nothing is queued, so an idle queue owns no task; submit() restarts it.
         loop = asyncio.get_running_loop()
-        while self._live:
+        while len(self._waiting):
             self._wakeup.clear()
             flush_at: float | None = None
-            if len(self._running) < self._max_concurrent_batches:
+            if self._has_capacity():
                 flush_at = self._flush_at()
                 if flush_at <= loop.time():
-                    self._start_batch(loop)
-                    continue
+                    if self._start_batch(loop):
+                        continue
+                    flush_at = None  # no capacity after all: wait for wake()
             timer = None
             if flush_at is not None and flush_at != math.inf:
                 timer = loop.call_at(flush_at, self._wakeup.set)
@@ -379,23 +350,25 @@ class BatchQueue(Generic[T, R]):
                 if timer is not None:
                     timer.cancel()
 
-    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Form a batch and start it; False if ``acquire`` found no capacity."""
+        token = None
+        if self._acquire is not None:
+            token = self._acquire()
+            if token is None:
+                return False
         now = loop.time()
-        entries: list[_Entry[T, R]] = []
-        while self._heap and len(entries) < self._max_batch_size:
-            _, seq, entry = heapq.heappop(self._heap)
-            if seq not in self._live:
-                continue
-            self._remove(entry)
-            if entry.future.done():
-                continue  # its caller was cancelled and has not cleaned up yet
-            if entry.deadline <= now:
-                entry.future.set_exception(self._deadline_error())
-                continue
-            entries.append(entry)
+        entries: list[Waiter[T]] = []
+        while len(entries) < self._max_batch_size:
+            waiter = self._waiting.pop(now)
+            if waiter is None:
+                break
+            entries.append(waiter)
         if not entries:
+            if self._give_back is not None:
+                self._give_back(token)  # every item expired or left meanwhile
             self._notify()
-            return
+            return True
         self._num_batches += 1
         self._num_items += len(entries)
         if self.on_batch is not None:
@@ -404,21 +377,26 @@ class BatchQueue(Generic[T, R]):
             except Exception:
                 logger.exception("The on_batch hook of batch queue %r raised", self.name)
         task = loop.create_task(
-            self._run_batch(entries), name=f"aioserve-batch:{self.name}:{self._num_batches}"
+            self._run_batch(entries, token), name=f"aioserve-batch:{self.name}:{self._num_batches}"
         )
         self._running[task] = entries
         task.add_done_callback(self._batch_done)
+        return True
 
-    async def _run_batch(self, entries: list[_Entry[T, R]]) -> None:
+    async def _run_batch(self, entries: list[Waiter[T]], token: object | None) -> None:
         try:
-            await self._dispatch_batch(entries)
+            await self._dispatch_batch(entries, token)
         finally:
             self._batch_done(cast("asyncio.Task[None]", asyncio.current_task()))
 
-    async def _dispatch_batch(self, entries: list[_Entry[T, R]]) -> None:
+    async def _dispatch_batch(self, entries: list[Waiter[T]], token: object | None) -> None:
         expected = len(entries)
+        items = [entry.item for entry in entries]
         try:
-            results = await self._dispatch([entry.item for entry in entries])
+            if self._acquire is None:
+                results = await self._dispatch(items)
+            else:
+                results = await self._dispatch(items, token)
         except asyncio.CancelledError as exc:
             if cast("asyncio.Task[None]", asyncio.current_task()).cancelling():
                 raise  # aclose() cancelled us; _batch_done answers the callers
@@ -459,7 +437,7 @@ class BatchQueue(Generic[T, R]):
                 entry.future.set_exception(self._shutdown_error())
         self._notify()
 
-    def _fail(self, entries: list[_Entry[T, R]], error: BaseException) -> None:
+    def _fail(self, entries: list[Waiter[T]], error: BaseException) -> None:
         for entry in entries:
             if not entry.future.done():
                 entry.future.set_exception(error)
@@ -476,11 +454,7 @@ class BatchQueue(Generic[T, R]):
         tasks = [task for task in tasks if task is not current and not task.done()]
         for task in tasks:
             task.cancel()
-        for entry in list(self._live.values()):
-            self._remove(entry)
-            if not entry.future.done():
-                entry.future.set_exception(self._shutdown_error())
-        self._heap.clear()
+        self._waiting.fail_all(self._shutdown_error())
         return tasks
 
 

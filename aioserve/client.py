@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 from ._concurrency import new_event_loop
 from .config import BackendConfig, HTTPOptions
+from .context import current_replica
 from .exceptions import ServeError, ServeShutdown
 from .handle import ServeHandle
-from .request import current_replica
 from .serve import Serve
 
 __all__ = ["Client", "RayServeSyncHandle", "SyncServeHandle"]

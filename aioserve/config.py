@@ -1,4 +1,5 @@
-"""Validated configuration: :class:`BackendConfig` and :class:`HTTPOptions`.
+"""Validated configuration: :class:`BackendConfig`, :class:`HTTPOptions`, :class:`HandleOptions`,
+and the deadline maths of handles and HTTP (:func:`check_slo`, :func:`deadline_from`).
 
 Both are plain dataclasses validated on construction. ``BackendConfig`` stays mutable because
 legacy scripts do ``config = serve.get_backend_config(tag); config.num_replicas = 2;
@@ -7,14 +8,25 @@ serve.set_backend_config(tag, config)``; every entry point re-validates it (:met
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from .exceptions import ConfigError, ConfigTypeError
 
-__all__ = ["BackendConfig", "HTTPOptions", "Location"]
+__all__ = [
+    "BackendConfig",
+    "HTTPOptions",
+    "HandleOptions",
+    "Location",
+    "check_int",
+    "check_seconds",
+    "check_slo",
+    "deadline_from",
+]
 
 Location = Literal["HeadOnly", "EveryNode", "NoServer"]
 _LOCATIONS: tuple[str, ...] = ("HeadOnly", "EveryNode", "NoServer")
@@ -27,21 +39,26 @@ _BACKEND_ALIASES = {
 }
 
 
-def _check_int(name: str, value: object, *, minimum: int, optional: bool) -> None:
+def check_int(name: str, value: object, *, minimum: int = 1, optional: bool = False) -> Any:
+    """Return ``value`` if it is an int >= ``minimum`` (or None, when ``optional``); else raise
+    :class:`ConfigTypeError` (not an int) or :class:`ConfigError` (too small), naming ``name``."""
     if value is None and optional:
-        return
+        return None
+    allowed = "None or an int" if optional else "an int"
     if isinstance(value, bool) or not isinstance(value, int):
-        allowed = "None or an int" if optional else "an int"
         raise ConfigTypeError(f"{name} must be {allowed} >= {minimum}, got {value!r}.")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value!r}.")
+    return value
 
 
-def _check_seconds(name: str, value: object) -> None:
+def check_seconds(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite number of seconds >= 0; else raise."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigTypeError(f"{name} must be a number of seconds >= 0, got {value!r}.")
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}.")
+    return float(value)
 
 
 @dataclasses.dataclass
@@ -62,13 +79,13 @@ class BackendConfig:
     graceful_shutdown_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
-        _check_int("num_replicas", self.num_replicas, minimum=1, optional=False)
-        _check_int("max_batch_size", self.max_batch_size, minimum=1, optional=True)
-        _check_seconds("batch_wait_timeout", self.batch_wait_timeout)
-        _check_int("max_concurrent_queries", self.max_concurrent_queries, minimum=1, optional=True)
-        _check_int("max_queued_queries", self.max_queued_queries, minimum=1, optional=True)
-        _check_seconds("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)
-        _check_seconds("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s)
+        check_int("num_replicas", self.num_replicas, minimum=1, optional=False)
+        check_int("max_batch_size", self.max_batch_size, minimum=1, optional=True)
+        check_seconds("batch_wait_timeout", self.batch_wait_timeout)
+        check_int("max_concurrent_queries", self.max_concurrent_queries, minimum=1, optional=True)
+        check_int("max_queued_queries", self.max_queued_queries, minimum=1, optional=True)
+        check_seconds("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)
+        check_seconds("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s)
         self.batch_wait_timeout = float(self.batch_wait_timeout)
 
     @classmethod
@@ -185,3 +202,76 @@ class HTTPOptions:
         raise ConfigTypeError(
             f"http_options must be an HTTPOptions or a dict, got {type(value).__name__}."
         )
+
+
+# -- handle options and deadlines -------------------------------------------------------------
+
+UNSET: Any = object()
+"""The default of an option left out of ``options()``: unchanged."""
+
+
+def check_slo(name: str, value: object) -> float | None:
+    """Validate a deadline option (milliseconds): a finite number, >= 0 when relative."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigTypeError(f"{name} must be a number of milliseconds or None, got {value!r}.")
+    if not math.isfinite(value) or (name == "relative_slo_ms" and value < 0):
+        raise ConfigError(f"{name} must be a finite number of milliseconds >= 0, got {value!r}.")
+    return float(value)
+
+
+def deadline_from(
+    loop: asyncio.AbstractEventLoop, relative_slo_ms: float | None, absolute_slo_ms: float | None
+) -> float | None:
+    """The request deadline in ``loop.time()`` seconds, or None.
+
+    ``relative_slo_ms`` counts from now; ``absolute_slo_ms`` is wall-clock time in milliseconds
+    since the epoch (as in Ray 0.8). With both, the earlier wins.
+    """
+    deadline = None
+    if relative_slo_ms is not None:
+        deadline = loop.time() + relative_slo_ms / 1000.0
+    if absolute_slo_ms is not None:
+        absolute = loop.time() + (absolute_slo_ms / 1000.0 - time.time())
+        deadline = absolute if deadline is None else min(deadline, absolute)
+    return deadline
+
+
+class HandleOptions:
+    """The per-handle call options; immutable, shared by handles made from each other."""
+
+    __slots__ = ("absolute_slo_ms", "method_name", "missing_ok", "relative_slo_ms", "shard_key")
+
+    def __init__(
+        self,
+        method_name: str | None = None,
+        shard_key: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        missing_ok: bool = False,
+    ) -> None:
+        if method_name is not None and not isinstance(method_name, str):
+            raise ConfigTypeError(f"method_name must be a str or None, got {method_name!r}.")
+        if shard_key is not None and not isinstance(shard_key, str | int | bytes):
+            raise ConfigTypeError(f"shard_key must be a str or None, got {shard_key!r}.")
+        self.method_name = method_name
+        self.shard_key = None if shard_key is None else str(shard_key)
+        self.relative_slo_ms = check_slo("relative_slo_ms", relative_slo_ms)
+        self.absolute_slo_ms = check_slo("absolute_slo_ms", absolute_slo_ms)
+        self.missing_ok = bool(missing_ok)
+
+    def replace(self, **changes: Any) -> HandleOptions:
+        """A copy with the given options changed."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update({k: v for k, v in changes.items() if v is not UNSET})
+        return HandleOptions(**fields)
+
+    def describe(self) -> str:
+        """The options that are set, for repr."""
+        parts = [
+            f"{name}={getattr(self, name)!r}"
+            for name in ("method_name", "shard_key", "relative_slo_ms", "absolute_slo_ms")
+            if getattr(self, name) is not None
+        ]
+        return (" " + " ".join(parts)) if parts else ""

@@ -88,7 +88,15 @@ class EndpointNotFound(ServeError, KeyError, ValueError):
 
 
 class MethodNotFound(ServeError, AttributeError):
-    """The backend has no public method of that name."""
+    """The backend has no method of that name that a caller may reach (HTTP 404).
+
+    ``method_name`` is the name asked for; the message also lists the reachable methods, which
+    the HTTP edge does not show to clients.
+    """
+
+    def __init__(self, message: str = "", method_name: str | None = None) -> None:
+        super().__init__(message)
+        self.method_name = method_name
 
 
 class DeploymentError(ConfigError):

@@ -10,89 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import math
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from ._concurrency import TaskOwner, current_task, spawn_threadsafe
-from .exceptions import ConfigError, ConfigTypeError, ServeError, ServeShutdown
-from .request import CallContext, call_var
+from ._types import Call
+from .config import UNSET, HandleOptions, deadline_from
+from .context import call_var
+from .exceptions import ServeError, ServeShutdown
 
 if TYPE_CHECKING:
     from .router import Router
 
-__all__ = ["HandleOptions", "RayServeHandle", "ServeHandle", "deadline_from"]
+__all__ = ["RayServeHandle", "ServeHandle"]
 
-_UNSET: Any = object()
+
 _get_ident = threading.get_ident
-
-
-def check_slo(name: str, value: object) -> float | None:
-    """Validate a deadline option (milliseconds): a finite number, >= 0 when relative."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigTypeError(f"{name} must be a number of milliseconds or None, got {value!r}.")
-    if not math.isfinite(value) or (name == "relative_slo_ms" and value < 0):
-        raise ConfigError(f"{name} must be a finite number of milliseconds >= 0, got {value!r}.")
-    return float(value)
-
-
-def deadline_from(
-    loop: asyncio.AbstractEventLoop, relative_slo_ms: float | None, absolute_slo_ms: float | None
-) -> float | None:
-    """The request deadline in ``loop.time()`` seconds, or None.
-
-    ``relative_slo_ms`` counts from now; ``absolute_slo_ms`` is wall-clock time in milliseconds
-    since the epoch (as in Ray 0.8). With both, the earlier wins.
-    """
-    deadline = None
-    if relative_slo_ms is not None:
-        deadline = loop.time() + relative_slo_ms / 1000.0
-    if absolute_slo_ms is not None:
-        absolute = loop.time() + (absolute_slo_ms / 1000.0 - time.time())
-        deadline = absolute if deadline is None else min(deadline, absolute)
-    return deadline
-
-
-class HandleOptions:
-    """The per-handle call options; immutable, shared by handles made from each other."""
-
-    __slots__ = ("absolute_slo_ms", "method_name", "missing_ok", "relative_slo_ms", "shard_key")
-
-    def __init__(
-        self,
-        method_name: str | None = None,
-        shard_key: str | None = None,
-        relative_slo_ms: float | None = None,
-        absolute_slo_ms: float | None = None,
-        missing_ok: bool = False,
-    ) -> None:
-        if method_name is not None and not isinstance(method_name, str):
-            raise ConfigTypeError(f"method_name must be a str or None, got {method_name!r}.")
-        if shard_key is not None and not isinstance(shard_key, str | int | bytes):
-            raise ConfigTypeError(f"shard_key must be a str or None, got {shard_key!r}.")
-        self.method_name = method_name
-        self.shard_key = None if shard_key is None else str(shard_key)
-        self.relative_slo_ms = check_slo("relative_slo_ms", relative_slo_ms)
-        self.absolute_slo_ms = check_slo("absolute_slo_ms", absolute_slo_ms)
-        self.missing_ok = bool(missing_ok)
-
-    def replace(self, **changes: Any) -> HandleOptions:
-        """A copy with the given options changed."""
-        fields = {name: getattr(self, name) for name in self.__slots__}
-        fields.update({k: v for k, v in changes.items() if v is not _UNSET})
-        return HandleOptions(**fields)
-
-    def describe(self) -> str:
-        """The options that are set, for repr."""
-        parts = [
-            f"{name}={getattr(self, name)!r}"
-            for name in ("method_name", "shard_key", "relative_slo_ms", "absolute_slo_ms")
-            if getattr(self, name) is not None
-        ]
-        return (" " + " ".join(parts)) if parts else ""
 
 
 class ServeHandle:
@@ -139,10 +72,10 @@ class ServeHandle:
     def options(
         self,
         *,
-        method_name: str | None = _UNSET,
-        shard_key: str | None = _UNSET,
-        relative_slo_ms: float | None = _UNSET,
-        absolute_slo_ms: float | None = _UNSET,
+        method_name: str | None = UNSET,
+        shard_key: str | None = UNSET,
+        relative_slo_ms: float | None = UNSET,
+        absolute_slo_ms: float | None = UNSET,
     ) -> ServeHandle:
         """A new handle with these options; this one is unchanged."""
         return self._with(
@@ -181,26 +114,25 @@ class ServeHandle:
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # This task's own context: a handle call is never "web"; nested calls keep the request id.
-        parent = call_var.get()
-        call_var.set(CallContext(self._endpoint, False, None, parent))
         opts = self._options
+        deadline = None
+        if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:
+            deadline = deadline_from(self._loop, opts.relative_slo_ms, opts.absolute_slo_ms)
+        call = Call(
+            self._endpoint,
+            args,
+            kwargs,
+            method=opts.method_name,
+            shard_key=opts.shard_key,
+            deadline=deadline,
+            parent=call_var.get(),
+        )
+        call_var.set(call)
         router = self._router
         try:
-            if not router.admitting and parent is None:
-                raise ServeShutdown(
-                    "The aioserve instance is shutting down; it takes no new requests."
-                )
-            deadline = None
-            if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:
-                deadline = deadline_from(self._loop, opts.relative_slo_ms, opts.absolute_slo_ms)
-            endpoint = router.endpoints.get(self._endpoint)
-            if endpoint is None:
-                if not opts.missing_ok:
-                    raise router.not_found(self._endpoint)
-                endpoint = await router.wait_for_endpoint(self._endpoint)
-            return await router.call_endpoint(
-                endpoint, opts.method_name, args, kwargs, opts.shard_key, deadline
-            )
+            if opts.missing_ok and self._endpoint not in router.endpoints:
+                await router.wait_for_endpoint(self._endpoint)
+            return await router.enter(call)
         except asyncio.CancelledError:
             if self._owner.closed:
                 # Cancelled by the instance's shutdown, not by the caller: say so.

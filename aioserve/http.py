@@ -1,14 +1,13 @@
 """The HTTP front door: an ASGI app that routes to endpoints and turns results into responses.
 
-It is a thin edge in front of the same request path handles use (:meth:`Router.call_endpoint`):
-route matching (a dict for static paths, so the cost does not grow with the number of endpoints),
-result -> response conversion, and the one table that maps errors to HTTP statuses.
+It is a thin adapter onto the one request path handles use too (:meth:`Router.enter`): a request
+becomes a :class:`~aioserve._types.Call`, its result a response; one table maps errors to HTTP
+statuses; watching for a client that disconnects wraps ``receive`` here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime
 import decimal
@@ -18,22 +17,21 @@ import json
 import logging
 import math
 import pathlib
-import re
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from starlette.convertors import Convertor
 from starlette.datastructures import URL
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import compile_path
-from starlette.types import Message, Receive, Scope, Send
 
 from ._concurrency import TaskOwner, current_task
+from ._types import Call, Lifecycle, Message, Receive, Scope, Send, Stream, new_request_id
+from .config import check_slo, deadline_from
+from .context import call_var
 from .exceptions import (
     ConfigError,
     DeadlineExceeded,
@@ -44,8 +42,6 @@ from .exceptions import (
     ReplicaStopped,
     ServeShutdown,
 )
-from .handle import check_slo, deadline_from
-from .request import CallContext, call_var, new_request_id
 
 if TYPE_CHECKING:
     from .router import Endpoint, Router
@@ -54,8 +50,6 @@ __all__ = ["HTTPApp", "json_dumps", "to_response"]
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("aioserve.access")
-
-_NO_KWARGS: dict[str, Any] = {}
 
 # A request still running after a full sweep interval (50-100 ms) starts watching for its client
 # going away (a queued one starts at once); quick requests pay for no task and no timer.
@@ -109,13 +103,14 @@ def _chunk(item: Any) -> bytes:
 
 
 async def _encode_async(items: AsyncIterator[Any]) -> AsyncIterator[bytes]:
-    async for item in items:
-        yield _chunk(item)
-
-
-def _encode_sync(items: Iterator[Any]) -> Iterator[bytes]:
-    for item in items:
-        yield _chunk(item)
+    try:
+        async for item in items:
+            yield _chunk(item)
+    finally:
+        # A client that went away stops the stream: the replica's slot comes back now.
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def to_response(result: Any) -> Response:
@@ -128,10 +123,8 @@ def to_response(result: Any) -> Response:
         return Response(bytes(result), media_type="application/octet-stream")
     if result is None:
         return Response(b"")
-    if inspect.isasyncgen(result):
+    if isinstance(result, Stream) or inspect.isasyncgen(result):
         return StreamingResponse(_encode_async(result), media_type="application/octet-stream")
-    if inspect.isgenerator(result):
-        return StreamingResponse(_encode_sync(result), media_type="application/octet-stream")
     return Response(json_dumps(result), media_type="application/json")
 
 
@@ -144,81 +137,39 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-@dataclasses.dataclass(eq=False)
-class _Route:
-    endpoint: Endpoint
-    methods: frozenset[str]
-    regex: re.Pattern[str] | None = None
-    convertors: dict[str, Convertor[Any]] = dataclasses.field(default_factory=dict)
-
-
 def _plain(status: int, text: str, headers: Mapping[str, str] | None = None) -> Response:
     return PlainTextResponse(text, status_code=status, headers=headers)
 
 
 SystemRoute = Callable[[Request], Awaitable[Response]]
+_RUNNING = Lifecycle.RUNNING
 
 
 class HTTPApp:
-    """The ASGI app of one aioserve instance (``Serve.asgi_app`` wraps it in the middlewares)."""
+    """The ASGI app of one aioserve instance (``Serve.asgi_app`` wraps it in the middlewares).
+
+    For a request: match its path against the router's route index, build a :class:`Call` whose
+    only argument is the Starlette ``Request``, ``await router.enter(call)``, and turn the result
+    (or the error) into a response. The request body is not read here: the handler reads it
+    (streamed, chunk by chunk, if it wants), through a ``receive`` that also watches for the
+    client going away.
+    """
 
     def __init__(self, router: Router, *, debug: bool = False, access_log: bool = False) -> None:
         self._router = router
         self.debug = debug
         self.access_log = access_log
-        self.running = False
         self.loop: asyncio.AbstractEventLoop | None = None  # the instance's, once it runs
         self._watchers = TaskOwner("HTTP disconnect watchers")
-        self._in_flight: set[_DisconnectWatch] = set()
+        self._in_flight: set[_Inbox] = set()
         self._sweep_timer: asyncio.TimerHandle | None = None
-        self._static: dict[str, _Route] = {}
-        self._dynamic: list[_Route] = []
         self.system_routes: dict[str, SystemRoute] = {
             "/-/routes": self._routes_json,
             "/-/healthz": self._healthz,
         }
 
     def __repr__(self) -> str:
-        return f"<HTTPApp routes={len(self._static) + len(self._dynamic)}>"
-
-    # -- the route table ------------------------------------------------------------------------
-
-    def add_route(self, endpoint: Endpoint) -> None:
-        """Serve ``endpoint`` at its route (it must have one)."""
-        assert endpoint.route is not None  # callers only add endpoints with a route
-        methods = set(endpoint.methods)
-        if "GET" in methods:
-            methods.add("HEAD")
-        route = _Route(endpoint, frozenset(methods))
-        if "{" in endpoint.route:
-            regex, _, convertors = compile_path(endpoint.route)
-            route.regex, route.convertors = regex, convertors
-            self._dynamic.append(route)
-        else:
-            self._static[endpoint.route] = route
-
-    def remove_route(self, endpoint: Endpoint) -> None:
-        """Stop serving ``endpoint``."""
-        if endpoint.route is None:
-            return
-        self._static.pop(endpoint.route, None)
-        self._dynamic = [r for r in self._dynamic if r.endpoint is not endpoint]
-
-    def check_route(self, route: str) -> None:
-        """Raise ValueError if ``route`` is not a valid Starlette path."""
-        compile_path(route)
-
-    def _match(self, path: str) -> tuple[_Route | None, dict[str, Any] | None]:
-        route = self._static.get(path)
-        if route is not None:
-            return route, None
-        for route in self._dynamic:
-            assert route.regex is not None
-            m = route.regex.match(path)
-            if m is not None:
-                params = {k: route.convertors[k].convert(v) for k, v in m.groupdict().items()}
-                return route, params
-        return None, None
+        return f"<HTTPApp endpoints={len(self._router.endpoints)}>"
 
     # -- ASGI -----------------------------------------------------------------------------------
 
@@ -251,7 +202,6 @@ class HTTPApp:
             await response(scope, receive, send)
             return
         method_name = shard_key = request_id = None
-        has_body = False
         for key, value in scope["headers"]:
             if key.startswith(b"x-"):
                 if key == b"x-serve-call-method":
@@ -260,39 +210,41 @@ class HTTPApp:
                     shard_key = value.decode("latin-1")
                 elif key == b"x-request-id":
                     request_id = value.decode("latin-1")
-            elif key == b"content-length":
-                has_body = value != b"0"
-            elif key == b"transfer-encoding":
-                has_body = True
         if request_id is None:
             request_id = new_request_id()
-        route, params = self._match(path) if self.running else (None, None)
-        call = CallContext(route.endpoint.name if route is not None else "-", True, request_id)
+        router = self._router
+        running = router.state is _RUNNING
+        endpoint, params = router.match(path) if running else (None, None)
+        call = Call(
+            endpoint.name if endpoint is not None else "-",
+            method=method_name,
+            shard_key=shard_key,
+            request_id=request_id,
+            web=True,
+        )
         # Reset when the request ends: a host may run the app in a task that goes on after it
         # (ASGITransport does), and that task is not inside this request any more.
         token = call_var.set(call)
         try:
             users_own = False
-            if route is None:
+            if endpoint is None:
                 response = (
                     _plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")
-                    if self.running
+                    if running
                     else _plain(503, "This aioserve instance is not running.")
                 )
-            elif scope["method"] not in route.methods:
-                allow = ", ".join(sorted(route.methods))
+            elif scope["method"] not in endpoint.http_methods:
+                allow = ", ".join(sorted(endpoint.http_methods))
                 response = _plain(
                     405,
                     f"Method {scope['method']} is not allowed at {path!r} (endpoint "
-                    f"{route.endpoint.name!r} takes {allow}). See GET /-/routes.",
+                    f"{endpoint.name!r} takes {allow}). See GET /-/routes.",
                     {"Allow": allow},
                 )
             else:
                 if params is not None:
                     scope["path_params"] = params
-                answer = await self._call(
-                    scope, receive, send, route, call, method_name, shard_key, has_body
-                )
+                answer = await self._call(scope, receive, send, endpoint, call)
                 if answer is None:
                     return  # the client went away: nobody is left to answer
                 response, users_own = answer
@@ -311,83 +263,76 @@ class HTTPApp:
             call_var.reset(token)
 
     async def _call(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        route: _Route,
-        call: CallContext,
-        method_name: str | None,
-        shard_key: str | None,
-        has_body: bool,
+        self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, call: Call
     ) -> tuple[Response, bool] | None:
         """Run the request through the router: its response, and whether that is the handler's
         own Response object; None if the client disconnected meanwhile."""
-        request = Request(scope, receive, send)
+        task = current_task(self.loop)
+        assert task is not None  # an ASGI app always runs in a task
+        inbox = _Inbox(task, receive, self._watchers)
+        request = Request(scope, inbox.receive, send)
+        call.args = (request,)
         try:
-            deadline = None
             query = scope.get("query_string", b"")
             if query and b"slo_ms" in query:
-                deadline = _deadline_from_query(query)
-            if has_body:
-                # Read the body up front: afterwards ``receive()`` only reports a client that
-                # went away, so watching for that cannot steal the handler's body.
+                call.deadline = _deadline_from_query(query)
+            if endpoint.shadows:
+                # Each copy reads the body: take it into the request's cache first.
                 await request.body()
         except HTTPException as exc:
             return self.error_response(exc), False
         except ClientDisconnect:
             return None  # gone during the upload: nobody is left to answer
-        task = current_task(self.loop)
-        assert task is not None  # an ASGI app always runs in a task
-        watch = _DisconnectWatch(task, request, receive, self._watchers)
-        call.waiting_hook = watch.start
+        call.on_wait = inbox.start
         in_flight = self._in_flight
-        in_flight.add(watch)
+        in_flight.add(inbox)
         if self._sweep_timer is None:
             self._sweep_timer = asyncio.get_running_loop().call_later(
                 WATCH_RUNNING_AFTER_S, self._sweep
             )
         try:
-            result = await self._router.call_endpoint(
-                route.endpoint, method_name, (request,), _NO_KWARGS, shard_key, deadline
-            )
+            result = await self._router.enter(call)
             return to_response(result), isinstance(result, Response)
         except asyncio.CancelledError:
-            if watch.disconnected and task.uncancel() == 0:
+            if inbox.disconnected and task.uncancel() == 0:
                 return None
             raise
+        except ClientDisconnect:
+            return None
         except Exception as exc:
             return self.error_response(exc), False
         finally:
-            call.waiting_hook = None
-            in_flight.discard(watch)
-            watch.stop()
+            call.on_wait = None
+            in_flight.discard(inbox)
+            inbox.stop()
 
     def _sweep(self) -> None:
         """Start watching requests that have run for a sweep interval; one timer per app."""
         self._sweep_timer = None
-        for watch in self._in_flight:
-            if watch.seen:
-                watch.start()
+        for inbox in self._in_flight:
+            if inbox.seen:
+                inbox.start()
             else:
-                watch.seen = True
+                inbox.seen = True
         if self._in_flight:
             self._sweep_timer = asyncio.get_running_loop().call_later(
                 WATCH_RUNNING_AFTER_S, self._sweep
             )
 
     def error_response(self, exc: Exception) -> Response:
-        """The response for an error raised while serving a request."""
+        """The response for an error raised while serving a request (the one status table)."""
         if isinstance(exc, HTTPException):
             return _plain(exc.status_code, str(exc.detail), exc.headers)
         for cls, status in _STATUS:
             if isinstance(exc, cls):
-                headers = (
-                    {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-                    if isinstance(exc, Overloaded)
-                    else None
-                )
                 logger.debug("Request failed with %d: %r", status, exc)
+                headers = None
+                if isinstance(exc, Overloaded):
+                    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+                if isinstance(exc, MethodNotFound):
+                    # The handle caller's message lists the class's methods; a client's does not.
+                    text = f"No method {exc.method_name!r} is served by this endpoint."
+                    return _plain(status, f"MethodNotFound: {text}")
                 return _plain(status, f"{type(exc).__name__}: {exc}", headers)
         logger.error("Request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
         text = f"{type(exc).__name__}: {exc}"
@@ -417,7 +362,7 @@ class HTTPApp:
         return JSONResponse(table)
 
     async def _healthz(self, request: Request) -> Response:
-        if not self.running:
+        if self._router.state is not _RUNNING:
             return _plain(503, "not running")
         return _plain(200, "success")
 
@@ -431,49 +376,95 @@ def _send_with_header(send: Send, header: tuple[bytes, bytes]) -> Send:
     return send_with_header
 
 
-class _DisconnectWatch:
-    """Cancels a request's task when its client disconnects; started only when that can matter:
-    when the request has to wait, or when it has run through a sweep interval."""
+class _Inbox:
+    """The request's ``receive``, with a watcher that cancels the request's task when the client
+    disconnects.
+
+    The handler reads the body through :meth:`receive`. The watcher starts only when that can
+    matter (the request has to wait, or has run through a sweep interval); from then on it is
+    the one reader of the server's ``receive``: it hands body messages to the handler one at a
+    time (it reads ahead at most one, so a large upload is never buffered here) and cancels the
+    task on ``http.disconnect``, at any point of the request.
+    """
 
     __slots__ = (
         "_owner",
+        "_reading",
+        "_ready",
         "_receive",
-        "_request",
+        "_start_after_read",
         "_stopped",
+        "_taken",
         "_task",
+        "_unread",
         "_watcher",
         "disconnected",
         "seen",
     )
 
-    def __init__(
-        self, task: asyncio.Task[Any], request: Request, receive: Receive, owner: TaskOwner
-    ) -> None:
+    def __init__(self, task: asyncio.Task[Any], receive: Receive, owner: TaskOwner) -> None:
         self._task = task
-        self._request = request
         self._receive = receive
         self._owner = owner
         self._watcher: asyncio.Task[None] | None = None
+        self._unread: Message | None = None  # read ahead by the watcher, not yet taken
+        self._ready: asyncio.Event | None = None
+        self._taken: asyncio.Event | None = None
+        self._reading = False  # the handler is inside the server's receive()
+        self._start_after_read = False
         self._stopped = False
         self.disconnected = False
         self.seen = False
 
+    async def receive(self) -> Message:
+        """The next message for the handler."""
+        if self._watcher is None:
+            self._reading = True
+            try:
+                return await self._receive()
+            finally:
+                self._reading = False
+                if self._start_after_read:
+                    self._start_after_read = False
+                    self.start()
+        ready, taken = self._ready, self._taken
+        assert ready is not None and taken is not None  # made when the watcher started
+        while self._unread is None:
+            if self._watcher.done():
+                # The watcher has stopped (the request is over): nothing more will come.
+                return {"type": "http.disconnect"}
+            await ready.wait()
+            ready.clear()
+        message, self._unread = self._unread, None
+        taken.set()
+        return message
+
     def start(self) -> None:
         """Start watching (idempotent; never once the request is answered)."""
-        if self._watcher is None and not self._stopped and not self._owner.closed:
-            self._watcher = self._owner.spawn(self._watch())
+        if self._watcher is not None or self._stopped or self._owner.closed:
+            return
+        if self._reading:
+            # The handler is reading: it sees a disconnect itself; watch once it stops.
+            self._start_after_read = True
+            return
+        self._ready = asyncio.Event()
+        self._taken = asyncio.Event()
+        self._watcher = self._owner.spawn(self._watch())
 
     async def _watch(self) -> None:
-        # First take the body into the request's own cache (for a request without one, the empty
-        # message is already there), so the handler still gets it; then only a disconnect is left.
-        with contextlib.suppress(RuntimeError):  # the handler consumed the stream itself
-            await self._request.body()
+        ready, taken = self._ready, self._taken
+        assert ready is not None and taken is not None
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 self.disconnected = True
                 self._task.cancel()
                 return
+            self._unread = message
+            ready.set()
+            if message.get("more_body", False):
+                taken.clear()
+                await taken.wait()  # read ahead no more than one message
 
     def stop(self) -> None:
         """The request is answered (or failed): stop watching."""

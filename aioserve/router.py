@@ -1,8 +1,9 @@
-"""The router: endpoint -> backend, with traffic splits, shard keys and shadow copies.
+"""The router: the one endpoint table, the route index, the admission flag, and ``enter(call)``.
 
-HTTP requests and handle calls both enter here, so both get the same traffic split, shadows, shard
-keys, replica choice and batching. The router holds the endpoint table; the backends belong to the
-``Serve`` instance and are shared with it.
+HTTP requests and handle calls both come in through :meth:`Router.enter`, so both get the same
+admission rule, traffic split, shadows, shard keys, metrics, replica choice and batching. The HTTP
+app matches paths against the router's route index (:meth:`Router.match`) and keeps no table of
+its own. The backends belong to the ``Serve`` instance and are shared with the router.
 """
 
 from __future__ import annotations
@@ -11,23 +12,44 @@ import asyncio
 import dataclasses
 import logging
 import random
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from starlette.convertors import Convertor
+from starlette.routing import compile_path
+
 from ._concurrency import TaskOwner
+from ._types import Call, Lifecycle
 from .backend import Backend
-from .exceptions import EndpointNotFound, NoTraffic
+from .context import call_var
+from .exceptions import ConfigError, EndpointNotFound, NoTraffic, RouteConflict, ServeShutdown
 from .metrics import Metrics, Series
 from .policy import Chooser, RoutePolicy, TrafficTable, make_chooser
-from .request import CallContext, call_var
 
-__all__ = ["Endpoint", "Router"]
+__all__ = ["MAX_SHADOWS_IN_FLIGHT", "Endpoint", "Router", "check_route"]
 
 logger = logging.getLogger(__name__)
 
 # Shadow copies beyond this many in flight are dropped rather than queued without bound.
 MAX_SHADOWS_IN_FLIGHT = 1000
+# Reading an enum member costs about 50 ns on 3.11; the request path compares with this instead.
+_RUNNING = Lifecycle.RUNNING
+SYSTEM_PREFIX = "/-/"
+
+
+def check_route(route: str) -> None:
+    """Raise :class:`ConfigError` if ``route`` is not a Starlette path or is reserved (``/-/``)."""
+    if route == "/-" or route.startswith(SYSTEM_PREFIX):
+        raise ConfigError(
+            f"Route {route!r} is under /-/, which is reserved for aioserve's own routes "
+            f"(/-/routes, /-/healthz, /-/metrics). Pick another route."
+        )
+    try:
+        compile_path(route)
+    except (AssertionError, ValueError) as exc:
+        raise ConfigError(f"Route {route!r} is not a valid path: {exc}") from None
 
 
 @dataclasses.dataclass(eq=False)
@@ -42,6 +64,11 @@ class Endpoint:
     shadows: dict[str, float] = dataclasses.field(default_factory=dict)
     # Metric series by backend tag, so the request path does one small dict lookup.
     series: dict[str, Series] = dataclasses.field(default_factory=dict, repr=False)
+    # The HTTP methods the route answers (HEAD with GET), and a compiled pattern for a route
+    # with parameters.
+    http_methods: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)
+    regex: re.Pattern[str] | None = dataclasses.field(default=None, repr=False)
+    convertors: dict[str, Convertor[Any]] = dataclasses.field(default_factory=dict, repr=False)
 
     def info(self) -> dict[str, Any]:
         """The plain dict list_endpoints shows."""
@@ -69,28 +96,72 @@ class Router:
         self.policy = policy
         self.policy_kwargs = dict(policy_kwargs or {})
         self.rng = rng or random.Random()
+        self.metrics = metrics or Metrics()
+        # The one admission flag: only RUNNING admits new requests; calls made by requests in
+        # flight (nested handle calls) still get in while the instance drains.
+        self.state = Lifecycle.STARTING
         self._backends = backends
+        self._static: dict[str, Endpoint] = {}
+        self._dynamic: list[Endpoint] = []
         self._shadows = TaskOwner("shadow copies")
         self._endpoint_waiters: dict[str, list[asyncio.Future[Endpoint]]] = {}
-        self.metrics = metrics or Metrics()
-        # False once the instance shuts down: only calls made by requests in flight get in.
-        self.admitting = True
 
     def __repr__(self) -> str:
-        return f"<Router endpoints={len(self.endpoints)} policy={self.policy.name}>"
+        return (
+            f"<Router {self.state.value} endpoints={len(self.endpoints)} policy={self.policy.name}>"
+        )
 
-    # -- the endpoint table ---------------------------------------------------------------------
+    # -- the endpoint table and its route index -------------------------------------------------
 
     def add_endpoint(self, endpoint: Endpoint) -> None:
-        """Register ``endpoint`` and wake handles waiting for it (``missing_ok``)."""
+        """Register ``endpoint`` (and its route); :class:`RouteConflict` if either is taken."""
+        if endpoint.name in self.endpoints:
+            raise RouteConflict(f"Endpoint {endpoint.name!r} already exists.")
+        route = endpoint.route
+        if route is not None:
+            for other in self.endpoints.values():
+                if other.route == route:
+                    raise RouteConflict(
+                        f"Route {route!r} is already served by endpoint {other.name!r}."
+                    )
+            check_route(route)
+            methods = set(endpoint.methods)
+            if "GET" in methods:
+                methods.add("HEAD")
+            endpoint.http_methods = frozenset(methods)
+            if "{" in route:
+                endpoint.regex, _, endpoint.convertors = compile_path(route)
+                self._dynamic.append(endpoint)
+            else:
+                self._static[route] = endpoint
         self.endpoints[endpoint.name] = endpoint
         for future in self._endpoint_waiters.pop(endpoint.name, []):
             if not future.done():
                 future.set_result(endpoint)
 
     def remove_endpoint(self, name: str) -> Endpoint | None:
-        """Unregister an endpoint; returns it, or None if there was none."""
-        return self.endpoints.pop(name, None)
+        """Unregister an endpoint and its route; returns it, or None if there was none."""
+        endpoint = self.endpoints.pop(name, None)
+        if endpoint is not None and endpoint.route is not None:
+            if endpoint.regex is None:
+                self._static.pop(endpoint.route, None)
+            else:
+                self._dynamic = [e for e in self._dynamic if e is not endpoint]
+        return endpoint
+
+    def match(self, path: str) -> tuple[Endpoint | None, dict[str, Any] | None]:
+        """The endpoint whose route matches ``path``, and the converted path parameters (None
+        for a route without parameters)."""
+        endpoint = self._static.get(path)
+        if endpoint is not None:
+            return endpoint, None
+        for endpoint in self._dynamic:
+            assert endpoint.regex is not None  # only routes with parameters are listed here
+            m = endpoint.regex.match(path)
+            if m is not None:
+                convertors = endpoint.convertors
+                return endpoint, {k: convertors[k].convert(v) for k, v in m.groupdict().items()}
+        return None, None
 
     def set_traffic(self, endpoint: Endpoint, traffic: Mapping[str, float]) -> None:
         """Install a validated traffic dict (a new chooser: policy state starts afresh)."""
@@ -131,34 +202,38 @@ class Router:
             if future in waiters:
                 waiters.remove(future)
 
+    def not_found(self, name: str) -> EndpointNotFound:
+        """The error for an unknown endpoint name, listing the known ones."""
+        known = ", ".join(repr(n) for n in sorted(self.endpoints)) or "none"
+        return EndpointNotFound(f"No endpoint named {name!r}. Known endpoints: {known}.")
+
     # -- the request path -----------------------------------------------------------------------
 
-    async def call_endpoint(
-        self,
-        endpoint: Endpoint,
-        method: str | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        shard_key: str | None,
-        deadline: float | None,
-    ) -> Any:
-        """Pick a backend for one request to ``endpoint``, send shadow copies, run it."""
+    async def enter(self, call: Call) -> Any:
+        """The one way in: admit ``call``, pick a backend, send shadow copies, run it there."""
+        if self.state is not _RUNNING and call.parent is None:
+            raise ServeShutdown(
+                f"This aioserve instance is {self.state.value}; it takes no new requests."
+            )
+        endpoint = self.endpoints.get(call.endpoint)
+        if endpoint is None:
+            raise self.not_found(call.endpoint)
         chooser = endpoint.chooser
         if chooser is None:
             raise NoTraffic(
                 f"Endpoint {endpoint.name!r} has no backend yet; "
                 f"link one with set_traffic() or link()."
             )
-        tag = chooser.choose(shard_key)
+        tag = chooser.choose(call.shard_key)
         if endpoint.shadows:
-            self._send_shadows(endpoint, method, args, kwargs)
+            self._send_shadows(endpoint, call)
         series = endpoint.series.get(tag)
         if series is None:
             series = endpoint.series[tag] = self.metrics.series(endpoint.name, tag)
         # The metrics clock is perf_counter: the end time also places the request in its second.
         start = time.perf_counter()
         try:
-            result = await self._backends[tag].call(method, args, kwargs, deadline)
+            result = await self._backends[tag].call(call)
         except Exception:
             end = time.perf_counter()
             series.observe(end - start, True, end)
@@ -167,9 +242,7 @@ class Router:
         series.observe(end - start, False, end)
         return result
 
-    def _send_shadows(
-        self, endpoint: Endpoint, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def _send_shadows(self, endpoint: Endpoint, call: Call) -> None:
         for tag, proportion in endpoint.shadows.items():
             if proportion < 1.0 and self.rng.random() >= proportion:
                 continue
@@ -179,12 +252,7 @@ class Router:
             if len(self._shadows) >= MAX_SHADOWS_IN_FLIGHT:
                 self.metrics.num_shadows_dropped += 1
                 continue
-            self._shadows.spawn(_shadow(backend, method, args, dict(kwargs)))
-
-    def not_found(self, name: str) -> EndpointNotFound:
-        """The error for an unknown endpoint name, listing the known ones."""
-        known = ", ".join(repr(n) for n in sorted(self.endpoints)) or "none"
-        return EndpointNotFound(f"No endpoint named {name!r}. Known endpoints: {known}.")
+            self._shadows.spawn(_shadow(backend, call.copy()))
 
     async def aclose(self) -> None:
         """Cancel shadow copies still running and waiters for endpoints."""
@@ -195,15 +263,11 @@ class Router:
         self._endpoint_waiters.clear()
 
 
-async def _shadow(
-    backend: Backend, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> None:
-    # A shadow's result and errors are discarded; it never touches the primary request. Its own
-    # CallContext (same request id, same web flag) records the replica serving the copy.
-    primary = call_var.get()
-    if primary is not None:
-        call_var.set(CallContext(primary.endpoint, primary.web, None, primary))
+async def _shadow(backend: Backend, call: Call) -> None:
+    # A shadow's result and errors are discarded; it never touches the primary request. It runs
+    # as its own Call (same request id, same web flag), which records the replica serving it.
+    call_var.set(call)
     try:
-        await backend.call(method, args, kwargs, None)
+        await backend.call(call)
     except Exception as exc:
         logger.debug("Shadow copy to backend %r failed: %r", backend.tag, exc)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import random
@@ -20,40 +19,33 @@ from typing import Any
 import uvicorn
 
 from ._concurrency import TaskOwner
+from ._importer import import_attr
+from ._types import Lifecycle
 from .backend import Backend
-from .config import BackendConfig, HTTPOptions
+from .callable import UserCallable
+from .config import BackendConfig, HandleOptions, HTTPOptions
+from .context import install_log_context
 from .exceptions import (
     BackendInUse,
     BackendNotFound,
     BindError,
     ConfigError,
     ConfigTypeError,
-    RouteConflict,
     ServeError,
     ServeShutdown,
 )
-from .handle import HandleOptions, ServeHandle
+from .handle import ServeHandle
 from .http import HTTPApp
 from .metrics import CONTENT_TYPE, BackendStatistics, Metrics
 from .policy import RoutePolicy, TrafficTable, make_chooser, validate_shadow_proportion
 from .policy import validate_traffic as _validate_traffic
-from .replica import UserCallable
-from .request import install_log_context
-from .router import Endpoint, Router
+from .router import Endpoint, Router, check_route
+from .runners import InProcessRunner
 from .store import BackendRecord, EndpointRecord, Snapshot, StateStore, check_storable
 
-__all__ = ["Serve", "ServeState"]
+__all__ = ["Serve"]
 
 logger = logging.getLogger(__name__)
-
-
-class ServeState(enum.Enum):
-    """Lifecycle of an instance."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    DRAINING = "draining"
-    STOPPED = "stopped"
 
 
 class Serve:
@@ -101,7 +93,6 @@ class Serve:
         for middleware in reversed(self.http_options.middlewares):
             cls, args, kwargs = middleware
             self.asgi_app = cls(self.asgi_app, *args, **kwargs)
-        self.state = ServeState.STARTING
         self.http_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None  # the thread its loop runs on
@@ -139,6 +130,11 @@ class Serve:
         return f"http://{host}:{self.http_port}"
 
     @property
+    def state(self) -> Lifecycle:
+        """Where the instance is in its lifecycle (the router's admission flag)."""
+        return self._router.state
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The event loop this instance runs on (set by start)."""
         if self._loop is None:
@@ -161,9 +157,9 @@ class Serve:
 
     async def start(self) -> None:
         """Start the instance on the running loop (and its HTTP server, unless NoServer)."""
-        if self.state is ServeState.RUNNING:
+        if self.state is Lifecycle.RUNNING:
             return
-        if self.state is not ServeState.STARTING:
+        if self.state is not Lifecycle.STARTING:
             raise ServeShutdown("This aioserve instance has been shut down; make a new one.")
         # A corrupt or foreign state file fails here, before anything binds or starts.
         snapshot = self._store.load() if self._store is not None else None
@@ -172,9 +168,8 @@ class Serve:
         install_log_context()
         if self.http_options.serves:
             await self._start_server()
-        self.state = ServeState.RUNNING
         self._http.loop = self._loop
-        self._http.running = True
+        self._router.state = Lifecycle.RUNNING
         if snapshot is not None:
             try:
                 await self._restore(snapshot)
@@ -265,9 +260,7 @@ class Serve:
             # Stop admitting at the edges only: new HTTP requests get 503 and new top-level
             # handle calls ServeShutdown, while calls made by requests in flight are still
             # served, so those requests can finish.
-            self.state = ServeState.DRAINING
-            self._http.running = False
-            self._router.admitting = False
+            self._router.state = Lifecycle.DRAINING
             async with self._lock:  # a control call under way finishes first
                 await self._drain()
                 if self._server is not None:
@@ -283,7 +276,7 @@ class Serve:
             if self._store is not None:
                 self._store.close()
         finally:
-            self.state = ServeState.STOPPED
+            self._router.state = Lifecycle.STOPPED
             self._closed.set_result(None)
 
     async def _drain(self) -> None:
@@ -309,8 +302,8 @@ class Serve:
                 continue
 
     def _check_running(self) -> None:
-        if self.state is not ServeState.RUNNING:
-            if self.state is ServeState.STARTING:
+        if self.state is not Lifecycle.RUNNING:
+            if self.state is Lifecycle.STARTING:
                 raise ServeError(
                     "This aioserve instance is not started; use 'async with Serve(...)' or "
                     "'await serve.start()' first."
@@ -348,7 +341,11 @@ class Serve:
                 f"ray_actor_options must be a dict, got {type(ray_actor_options).__name__}."
             )
         cfg = BackendConfig.coerce(config if config is not None else backend_config)
-        user_callable = UserCallable(func_or_class, tuple(init_args))
+        target = func_or_class
+        if isinstance(target, str):
+            # Importing runs the user's module code: never on the event loop.
+            target = await asyncio.to_thread(import_attr, target)
+        user_callable = UserCallable(target, tuple(init_args))
         # With persistence on, what cannot be stored is refused now, before anything starts.
         record = (
             BackendRecord.of(backend_tag, func_or_class, init_args, cfg)
@@ -361,12 +358,21 @@ class Serve:
                 raise ConfigError(
                     f"Backend {backend_tag!r} already exists. Delete it first or pick another tag."
                 )
-            backend = Backend(backend_tag, user_callable, cfg, instance=self, metrics=self.metrics)
+            backend = Backend(
+                backend_tag,
+                user_callable,
+                cfg,
+                runner_factory=self._new_runner,
+                metrics=self.metrics,
+            )
             await backend.start()
             self._backends[backend_tag] = backend
             if record is not None:
                 self._records[backend_tag] = record
                 self._checkpoint()
+
+    def _new_runner(self, backend_tag: str, user_callable: UserCallable) -> InProcessRunner:
+        return InProcessRunner(backend_tag, user_callable, instance=self)
 
     def _backend(self, tag: str) -> Backend:
         backend = self._backends.get(tag)
@@ -458,29 +464,16 @@ class Serve:
         if route is not None and (not isinstance(route, str) or not route.startswith("/")):
             raise ConfigTypeError(f"route must be None or a str starting with '/', got {route!r}.")
         if route is not None:
-            try:
-                self._http.check_route(route)
-            except (AssertionError, ValueError) as exc:
-                raise ConfigError(f"Route {route!r} is not a valid path: {exc}") from None
+            check_route(route)
         clean_methods = _methods(methods)
         async with self._lock:
             self._check_running()
-            if endpoint_name in self._router.endpoints:
-                raise RouteConflict(f"Endpoint {endpoint_name!r} already exists.")
-            if route is not None:
-                for other in self._router.endpoints.values():
-                    if other.route == route:
-                        raise RouteConflict(
-                            f"Route {route!r} is already served by endpoint {other.name!r}."
-                        )
             if backend is not None:
                 self._backend(backend)
             endpoint = Endpoint(endpoint_name, route, clean_methods)
             if backend is not None:
                 self._router.set_traffic(endpoint, {backend: 1.0})
             self._router.add_endpoint(endpoint)
-            if route is not None:
-                self._http.add_route(endpoint)
             self._checkpoint()
 
     def list_endpoints(self) -> dict[str, dict[str, Any]]:
@@ -491,9 +484,7 @@ class Serve:
         """Delete an endpoint (a missing one is a no-op); its backends stay."""
         async with self._lock:
             self._check_running()
-            removed = self._router.remove_endpoint(endpoint)
-            if removed is not None:
-                self._http.remove_route(removed)
+            if self._router.remove_endpoint(endpoint) is not None:
                 self._checkpoint()
 
     def _endpoint(self, name: str) -> Endpoint:

@@ -587,16 +587,61 @@ async def test_call_method_header_calls_that_method(serve: Serve, http: httpx.As
     assert (r.status_code, r.text) == (200, "explained")
 
 
-async def test_unknown_call_method_is_404_listing_public_methods(
+async def test_unknown_call_method_is_404_without_the_class_methods(
     serve: Serve, http: httpx.AsyncClient
 ) -> None:
     await deploy(serve, "model", Model, "hi")
     r = await http.get("/model", headers={"X-Serve-Call-Method": "predikt"})
     assert r.status_code == 404
     assert "predikt" in r.text
-    assert "predict" in r.text.replace("predikt", "")
-    assert "explain" in r.text
-    assert "_secret" not in r.text
+    # An HTTP client is not shown what else the class has ...
+    assert "predict" not in r.text.replace("predikt", "")
+    assert "explain" not in r.text
+    # ... a handle caller, in the same process, is.
+    with pytest.raises(aioserve.MethodNotFound, match="explain") as caught:
+        await serve.get_handle("model").options(method_name="predikt").remote(None)
+    assert "predict" in str(caught.value).replace("predikt", "")
+    assert "_secret" not in str(caught.value)
+
+
+class Guarded:
+    """A class whose lifecycle hook, properties and attributes must not be reachable by name."""
+
+    def __init__(self) -> None:
+        self.reconfigured_with: list[object] = []
+        self.probes = 0
+        self.helper = lambda request: "helper ran"  # an instance attribute, not a method
+
+    def __call__(self, request: Request) -> str:
+        return f"ok {len(self.reconfigured_with)}"
+
+    def reconfigure(self, config: object) -> None:
+        self.reconfigured_with.append(config)
+
+    @property
+    def expensive(self) -> str:
+        self.probes += 1
+        return "property ran"
+
+    def status(self, request: Request) -> str:
+        return f"reconfigured {len(self.reconfigured_with)} probed {self.probes}"
+
+
+async def test_no_client_reaches_lifecycle_hooks_properties_or_attributes(
+    serve: Serve, http: httpx.AsyncClient
+) -> None:
+    await deploy(serve, "guarded", Guarded)
+    for name in ("reconfigure", "expensive", "helper", "__init__", "__class__", "__call__x"):
+        r = await http.get("/guarded", headers={"X-Serve-Call-Method": name})
+        assert r.status_code == 404, (name, r.status_code, r.text)
+        with pytest.raises(aioserve.MethodNotFound):
+            await serve.get_handle("guarded").options(method_name=name).remote(None)
+    with pytest.raises(aioserve.MethodNotFound):
+        await serve.get_handle("guarded").reconfigure.remote(None)
+    # Nothing above ran: no reconfigure() call, no property read, and the replica still serves.
+    r = await http.get("/guarded", headers={"X-Serve-Call-Method": "status"})
+    assert (r.status_code, r.text) == (200, "reconfigured 0 probed 0")
+    assert (await http.get("/guarded")).text == "ok 0"
 
 
 async def test_private_call_method_is_refused(serve: Serve, http: httpx.AsyncClient) -> None:
