@@ -22,8 +22,8 @@ async def wait_until(predicate: Any, what: str, timeout_s: float = HANG_GUARD_S)
     """Re-check ``predicate`` as the loop runs until it holds; fail after ``timeout_s``."""
     try:
         async with asyncio.timeout(timeout_s):
-            while not predicate():
-                await asyncio.sleep(0)  # noqa: ASYNC110 (re-checks state; no clock)
+            while not predicate():  # noqa: ASYNC110 (re-checks state as the loop runs)
+                await asyncio.sleep(0)
     except TimeoutError:
         raise AssertionError(f"timed out waiting until {what}") from None
 
