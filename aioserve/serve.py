@@ -1,4 +1,4 @@
-"""``Serve``: the async core. It composes router, backends and HTTP app, and runs uvicorn.
+"""``Serve``: the async core. It composes router, backends, HTTP app and server.
 
 Mutating calls are coroutines and run one at a time (a control-plane lock); reads are plain calls.
 Every mutating call validates everything first, so a call that raises changes nothing.
@@ -7,16 +7,12 @@ Every mutating call validates everything first, so a call that raises changes no
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
-import socket
 import threading
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-
-import uvicorn
 
 from ._concurrency import TaskOwner
 from ._importer import import_attr
@@ -28,7 +24,6 @@ from .context import install_log_context
 from .exceptions import (
     BackendInUse,
     BackendNotFound,
-    BindError,
     ConfigError,
     ConfigTypeError,
     ServeError,
@@ -41,6 +36,7 @@ from .policy import RoutePolicy, TrafficTable, make_chooser, validate_shadow_pro
 from .policy import validate_traffic as _validate_traffic
 from .router import Endpoint, Router, check_route
 from .runners import InProcessRunner
+from .servers import UvicornServer, bind
 from .store import BackendRecord, EndpointRecord, Snapshot, StateStore, check_storable
 
 __all__ = ["Serve"]
@@ -100,8 +96,7 @@ class Serve:
         self._handles = TaskOwner("handle calls")
         self._background = TaskOwner("aioserve server")
         self._deletions = TaskOwner("backend deletions")
-        self._server: _Server | None = None
-        self._server_task: asyncio.Task[None] | None = None
+        self._server: UvicornServer | None = None
         self._closed: asyncio.Future[None] | None = None
         # Persistence: the records of what was created, checkpointed after every change.
         self._store = StateStore(kv_store_path) if kv_store_path is not None else None
@@ -212,43 +207,11 @@ class Serve:
     async def _start_server(self) -> None:
         opts = self.http_options
         assert opts.host is not None  # serves is False without a host
-        family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for sockets
-        # that say TCP, and without it every keep-alive response after the first waits ~40 ms
-        # for the client's delayed ACK (uvicorn writes head and body separately).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((opts.host, opts.port))
-        except OSError as exc:
-            sock.close()
-            raise BindError(
-                f"The HTTP server cannot bind {opts.host}:{opts.port}: {exc.strerror or exc}. "
-                f"Pick another port (port=0 picks a free one) or stop what uses it."
-            ) from exc
+        sock = bind(opts.host, opts.port)
         self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.asgi_app,
-            lifespan="off",
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            root_path=opts.root_path,
-            timeout_graceful_shutdown=5,
-        )
-        server = _Server(config)
+        server = UvicornServer(self.asgi_app, sock, root_path=opts.root_path)
+        await server.start(self._background)
         self._server = server
-        task = self._background.spawn(server.serve(sockets=[sock]), name="aioserve uvicorn")
-        self._server_task = task
-        ready = asyncio.ensure_future(server.ready.wait())
-        try:
-            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-        if not server.ready.is_set():
-            sock.close()
-            error = task.exception() if task.done() and not task.cancelled() else None
-            raise ServeError(f"The HTTP server failed to start: {error!r}") from error
 
     async def aclose(self) -> None:
         """Shut down: stop the server, drain the backends, cancel what is left. Idempotent."""
@@ -264,9 +227,7 @@ class Serve:
             async with self._lock:  # a control call under way finishes first
                 await self._drain()
                 if self._server is not None:
-                    self._server.should_exit = True
-                    if self._server_task is not None:
-                        await asyncio.gather(self._server_task, return_exceptions=True)
+                    await self._server.stop()
                 await asyncio.gather(*(b.aclose() for b in list(self._backends.values())))
                 await self._deletions.join()
             await self._handles.aclose()
@@ -583,20 +544,3 @@ def _methods(methods: Iterable[str] | str) -> tuple[str, ...]:
     if not items or not all(isinstance(m, str) and m for m in items):
         raise ConfigTypeError(f"methods must be a non-empty list of str, got {methods!r}.")
     return tuple(dict.fromkeys(m.upper() for m in items))
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without signal capture (the host program owns signals) and with a ready event."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self.ready.set()

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "handle": 4,
     "router": 4,
     "http": 5,
+    "servers": 6,
     "serve": 6,
     "client": 7,
     "api": 7,
@@ -48,7 +49,7 @@ LAYERS: dict[str, int] = {
 
 # Third-party packages allowed only in some modules (at run time; TYPE_CHECKING imports are free).
 # cli runs uvicorn's own process manager for --workers.
-CONFINED = {"starlette": {"http", "router"}, "uvicorn": {"serve", "cli"}}
+CONFINED = {"starlette": {"http", "router"}, "uvicorn": {"servers", "cli"}}
 
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 
