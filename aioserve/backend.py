@@ -31,10 +31,10 @@ from .batching import BatchQueue
 from .callable import UserCallable
 from .config import BackendConfig
 from .context import call_var
-from .exceptions import ConfigError, ConfigTypeError, DeadlineExceeded, ServeShutdown
+from .exceptions import ConfigTypeError, DeadlineExceeded, ServeShutdown
 from .metrics import BackendStatistics, Metrics
 
-__all__ = ["Backend", "validate_backend_config"]
+__all__ = ["Backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +43,6 @@ _RUNNING = Lifecycle.RUNNING
 
 RunnerFactory = Callable[[str, UserCallable], Runner]
 """Makes the runner of a new replica from the backend's tag and callable."""
-
-
-def validate_backend_config(tag: str, user_callable: UserCallable, config: BackendConfig) -> None:
-    """Check the rules that need both the config and the callable."""
-    if (config.max_batch_size or 1) > 1 and not user_callable.accepts_batches:
-        raise ConfigError(
-            f"Backend {tag!r}: max_batch_size={config.max_batch_size!r} needs a callable that "
-            f"accepts batches; mark {user_callable.name} with @serve.accept_batch."
-        )
-    if config.user_config is not None and not user_callable.has_reconfigure:
-        raise ConfigError(
-            f"Backend {tag!r}: user_config needs a class with a reconfigure(user_config) "
-            f"method; {user_callable.name} has none."
-        )
 
 
 class _Replica:
@@ -89,7 +75,7 @@ class Backend:
         runner_factory: RunnerFactory,
         metrics: Metrics | None = None,
     ) -> None:
-        validate_backend_config(tag, user_callable, config)
+        user_callable.check_config(tag, config)
         self.tag = tag
         self.callable = user_callable
         self.config = config
@@ -210,7 +196,7 @@ class Backend:
         Nothing is in force until every step has worked: a failure (or a cancelled caller) stops
         the replicas it added and puts the old ``user_config`` back where the new one was taken.
         """
-        validate_backend_config(self.tag, self.callable, new)
+        self.callable.check_config(self.tag, new)
         old = self.config
         added: list[_Replica] = []
         changed: list[_Replica] = []

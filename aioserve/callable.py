@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .batching import accepts_batches
-from .exceptions import ConfigTypeError, MethodNotFound
+from .config import BackendConfig
+from .exceptions import ConfigError, ConfigTypeError, MethodNotFound
 
 __all__ = [
     "LIFECYCLE_HOOKS",
@@ -114,6 +115,19 @@ class UserCallable:
     def is_async(self) -> bool:
         """Whether the main entry point (the function, or the class's ``__call__``) is async."""
         return self.kind is Kind.ASYNC or self.kind is Kind.ASYNC_GEN
+
+    def check_config(self, tag: str, config: BackendConfig) -> None:
+        """Check the config rules that need the callable too (raises :class:`ConfigError`)."""
+        if (config.max_batch_size or 1) > 1 and not self.accepts_batches:
+            raise ConfigError(
+                f"Backend {tag!r}: max_batch_size={config.max_batch_size!r} needs a callable that "
+                f"accepts batches; mark {self.name} with @serve.accept_batch."
+            )
+        if config.user_config is not None and not self.has_reconfigure:
+            raise ConfigError(
+                f"Backend {tag!r}: user_config needs a class with a reconfigure(user_config) "
+                f"method; {self.name} has none."
+            )
 
     def method_accepts_batches(self, method: str | None) -> bool:
         """Whether calls to ``method`` (None: the default entry point) take lists."""
