@@ -6,6 +6,7 @@ The legacy Ray Serve backend/endpoint API on one event loop: ``import aioserve a
 from __future__ import annotations
 
 from .api import (
+    backend_statistics,
     connect,
     create_backend,
     create_endpoint,
@@ -94,6 +95,7 @@ __all__ = [
     "SyncServeHandle",
     "__version__",
     "accept_batch",
+    "backend_statistics",
     "batch",
     "connect",
     "context",
