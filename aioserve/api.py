@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -74,7 +75,7 @@ def start(
 @forwarding(start)
 def init(
     kv_store_connector: Any = None,
-    kv_store_path: str | None = None,
+    kv_store_path: str | os.PathLike[str] | None = None,
     blocking: bool = False,
     start_server: bool = True,
     http_host: str | None = None,
