@@ -17,12 +17,12 @@ import concurrent.futures
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._concurrency import new_event_loop
 from .config import HTTPOptions
-from .exceptions import ServeError, ServeShutdown
+from .exceptions import ConfigError, ServeError, ServeShutdown
 from .handle import ServeHandle
 from .request import current_replica
 from .serve import Serve
@@ -141,11 +141,13 @@ def present_as(
     qualname: str,
     bound: bool = False,
     note: str | None = None,
+    keywords: Sequence[inspect.Parameter] = (),
 ) -> None:
     """Give ``wrapper`` the name, docstring and signature of ``target``, for help() and IDEs.
 
     ``bound`` drops the target's first parameter (a method presented as a plain function);
-    ``note`` is appended to the docstring (what a legacy form adds).
+    ``note`` is appended to the docstring and ``keywords`` to the parameters, unless the target
+    has them already (what a legacy form adds).
     """
     module = wrapper.__module__
     functools.update_wrapper(wrapper, target)
@@ -154,9 +156,13 @@ def present_as(
     if note is not None:
         wrapper.__doc__ = f"{inspect.cleandoc(target.__doc__ or '')}\n\n{inspect.cleandoc(note)}"
     signature = inspect.signature(target)
-    if bound:
-        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
-    wrapper.__dict__["__signature__"] = signature
+    params = list(signature.parameters.values())[1 if bound else 0 :]
+    added = [p for p in keywords if p.name not in signature.parameters]
+    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        params[-1:-1] = added
+    else:
+        params.extend(added)
+    wrapper.__dict__["__signature__"] = signature.replace(parameters=params)
 
 
 def forwarding(target: Callable[..., Any]) -> Callable[[F], F]:
@@ -184,6 +190,7 @@ def _blocking(
     core: Callable[Concatenate[Serve, P], Coroutine[Any, Any, T]],
     *,
     legacy: LegacyForm | None = None,
+    legacy_keywords: Sequence[inspect.Parameter] = (),
 ) -> Callable[Concatenate[Client, P], T]:
     """A ``Client`` method that runs the core coroutine ``core`` on the loop and waits for it."""
 
@@ -200,6 +207,7 @@ def _blocking(
         core,
         qualname=f"Client.{core.__name__}",
         note=legacy.__doc__ if legacy is not None else None,
+        keywords=legacy_keywords,
     )
     return method
 
@@ -217,11 +225,30 @@ def _read(core: Callable[Concatenate[Serve, P], T]) -> Callable[Concatenate[Clie
     return method
 
 
-def _backend_tag_second(args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs]:
-    """The 0.8 order ``create_backend(func_or_class, "tag", *init_args)`` is accepted too."""
+def _create_backend_0_8(args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs]:
+    """The 0.8 forms are accepted too: ``backend_config=`` for ``config=``, and the order
+    ``create_backend(func_or_class, "tag", *init_args)``."""
     if len(args) >= 2 and not isinstance(args[0], str) and isinstance(args[1], str):
         args = (args[1], args[0], *args[2:])
+    if "backend_config" in kwargs:
+        kwargs = dict(kwargs)
+        backend_config = kwargs.pop("backend_config")
+        if backend_config is not None:
+            if kwargs.get("config") is not None:
+                raise ConfigError(
+                    f"create_backend got config={kwargs['config']!r} and its 0.8 name "
+                    f"backend_config={backend_config!r}; pass config only, not both."
+                )
+            kwargs["config"] = backend_config
     return args, kwargs
+
+
+_BACKEND_CONFIG = inspect.Parameter(
+    "backend_config",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=None,
+    annotation="BackendConfig | Mapping[str, Any] | None",
+)
 
 
 def _route_second(args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs]:
@@ -308,7 +335,9 @@ class Client:
 
     # -- the control API: the core's methods, run on the loop thread ----------------------------
 
-    create_backend = _blocking(Serve.create_backend, legacy=_backend_tag_second)
+    create_backend = _blocking(
+        Serve.create_backend, legacy=_create_backend_0_8, legacy_keywords=[_BACKEND_CONFIG]
+    )
     list_backends = _read(Serve.list_backends)
     get_backend_config = _read(Serve.get_backend_config)
     backend_statistics = _read(Serve.backend_statistics)

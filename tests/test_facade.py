@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("no_instance_left")
 
 # The facade owns the lifecycle (start/shutdown on a loop thread), not the core's coroutines.
 CORE_LIFECYCLE = {"start", "aclose"}
-# Parameters the facade adds to a core operation, documented in API.md §4.
-FACADE_EXTRAS = {"get_handle": {"sync"}}
+# Parameters the facade adds to a core operation: ``sync`` (API.md §4) and 0.8 keyword names.
+FACADE_EXTRAS = {"get_handle": {"sync"}, "create_backend": {"backend_config"}}
 
 
 def core_operations() -> list[str]:
@@ -270,6 +270,14 @@ def test_legacy_order_keeps_its_config_and_errors(client: Client) -> None:
     with pytest.raises(ValueError, match="'scaled' already exists"):
         serve.create_backend(double, "scaled")
     assert serve.list_backends()["scaled"]["num_replicas"] == 2
+
+
+def test_backend_config_is_the_0_8_name_of_config(client: Client) -> None:
+    serve.create_backend("pair", double, backend_config={"num_replicas": 2})
+    assert serve.get_backend_config("pair").num_replicas == 2
+    with pytest.raises(ValueError, match="not both"):
+        client.create_backend("x", double, config={}, backend_config={})
+    assert list(serve.list_backends()) == ["pair"]
 
 
 def test_seed_002_flow_over_http(client: Client) -> None:
