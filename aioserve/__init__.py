@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._types import Lifecycle
 from .api import (
+    backend_statistics,
     connect,
     create_backend,
     create_endpoint,
@@ -96,6 +97,7 @@ __all__ = [
     "SyncServeHandle",
     "__version__",
     "accept_batch",
+    "backend_statistics",
     "batch",
     "connect",
     "context",

@@ -2,24 +2,28 @@
 
 ``start()`` makes a new instance current; ``init()`` (the 0.8 name) returns the running one if there
 is one. Inside a backend, the functions act on the instance that backend runs in.
+
+Each control function is the ``Client`` method of the same name (itself the core's), called on
+``connect()``: the same parameters, defaults and docstring, written once in ``Serve``.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from .client import Client, SyncServeHandle
-from .config import BackendConfig, HTTPOptions
+from .client import Client, SyncServeHandle, forwarding, present_as
+from .config import HTTPOptions
 from .context import current_replica
 from .exceptions import ConfigError, ConfigTypeError, ServeError
-from .handle import ServeHandle
 from .policy import RoutePolicy
 
 __all__ = [
+    "backend_statistics",
     "connect",
     "create_backend",
     "create_endpoint",
@@ -42,43 +46,36 @@ __all__ = [
     "update_backend_config",
 ]
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 _lock = threading.RLock()
 _clients: list[Client] = []  # running instances started here, the current one last
 
 
+@forwarding(Client.start)
 def start(
     detached: bool = False,
     http_options: HTTPOptions | Mapping[str, Any] | None = None,
-    *,
-    queueing_policy: RoutePolicy | str = RoutePolicy.Random,
-    policy_kwargs: Mapping[str, object] | None = None,
-    debug: bool = False,
-    gc_window_seconds: int = 3600,
-    kv_store_path: str | None = None,
+    **serve_options: Any,
 ) -> Client:
     """Start a new instance (event loop + HTTP server in a background thread) and make it current.
 
+    Every option of the :class:`Serve` constructor is accepted (``access_log``, ``seed``, ...).
     Non-detached instances are shut down at interpreter exit; ``detached=True`` ones live until
     ``shutdown()`` or the end of the process. With ``kv_store_path`` the control state is
     checkpointed in that SQLite file after every change and restored from it here.
     """
-    client = Client.start(
-        http_options,
-        detached=detached,
-        queueing_policy=queueing_policy,
-        policy_kwargs=policy_kwargs,
-        debug=debug,
-        gc_window_seconds=gc_window_seconds,
-        kv_store_path=kv_store_path,
-    )
+    client = Client.start(http_options, detached=detached, **serve_options)
     with _lock:
         _clients.append(client)
     return client
 
 
+@forwarding(start)
 def init(
     kv_store_connector: Any = None,
-    kv_store_path: str | None = None,
+    kv_store_path: str | os.PathLike[str] | None = None,
     blocking: bool = False,
     start_server: bool = True,
     http_host: str | None = None,
@@ -89,13 +86,14 @@ def init(
     policy_kwargs: Mapping[str, object] | None = None,
     *,
     http_options: HTTPOptions | Mapping[str, Any] | None = None,
+    **serve_options: Any,
 ) -> Client:
     """The 0.8 entry point: return the running instance, or start one.
 
     ``blocking`` and ``ray_init_kwargs`` are accepted and have no effect here: the server is ready
     when ``init`` returns, and there is no cluster to initialise. ``http_host=""`` means every
     interface (``0.0.0.0``); None means 127.0.0.1. ``kv_store_connector`` (a custom table factory
-    in 0.8) is not supported: use ``kv_store_path``.
+    in 0.8) is not supported: use ``kv_store_path``. The other options are ``start``'s.
     """
     if kv_store_connector is not None:
         raise ConfigError(
@@ -116,6 +114,7 @@ def init(
         policy_kwargs=policy_kwargs,
         gc_window_seconds=gc_window_seconds,
         kv_store_path=kv_store_path,
+        **serve_options,
     )
 
 
@@ -166,83 +165,34 @@ else:  # pragma: no cover - CPython has had threading._register_atexit since 3.9
     atexit.register(_shutdown_at_exit)
 
 
-def create_backend(
-    backend_tag: Any, func_or_class: Any = None, *init_args: Any, **options: Any
-) -> None:
-    """Create a backend on the current instance (see ``Serve.create_backend``)."""
-    connect().create_backend(backend_tag, func_or_class, *init_args, **options)
+def _on_current(method: Callable[Concatenate[Client, P], T]) -> Callable[P, T]:
+    """The module-level function for a ``Client`` method: the method, called on ``connect()``."""
+
+    def function(*args: P.args, **kwargs: P.kwargs) -> T:
+        return method(connect(), *args, **kwargs)
+
+    present_as(function, method, qualname=method.__name__, bound=True)
+    return function
 
 
-def list_backends() -> dict[str, dict[str, Any]]:
-    """The current instance's backends (see ``Serve.list_backends``)."""
-    return connect().list_backends()
-
-
-def get_backend_config(backend_tag: str) -> BackendConfig:
-    """A copy of a backend's config (see ``Serve.get_backend_config``)."""
-    return connect().get_backend_config(backend_tag)
-
-
-def update_backend_config(
-    backend_tag: str, config_options: BackendConfig | Mapping[str, Any]
-) -> None:
-    """Change a live backend's config (see ``Serve.update_backend_config``)."""
-    connect().update_backend_config(backend_tag, config_options)
-
-
+create_backend = _on_current(Client.create_backend)
+list_backends = _on_current(Client.list_backends)
+get_backend_config = _on_current(Client.get_backend_config)
+backend_statistics = _on_current(Client.backend_statistics)
+update_backend_config = _on_current(Client.update_backend_config)
 set_backend_config = update_backend_config
+delete_backend = _on_current(Client.delete_backend)
 
-
-def delete_backend(backend_tag: str, force: bool = False) -> None:
-    """Delete a backend (see ``Serve.delete_backend``)."""
-    connect().delete_backend(backend_tag, force)
-
-
-def create_endpoint(
-    endpoint_name: Any,
-    backend: Any = None,
-    *,
-    route: Any = None,
-    methods: Iterable[str] | str = ("GET",),
-) -> None:
-    """Create an endpoint (see ``Serve.create_endpoint``)."""
-    connect().create_endpoint(endpoint_name, backend, route=route, methods=methods)
-
-
-def list_endpoints() -> dict[str, dict[str, Any]]:
-    """The current instance's endpoints (see ``Serve.list_endpoints``)."""
-    return connect().list_endpoints()
-
-
-def delete_endpoint(endpoint: str) -> None:
-    """Delete an endpoint (see ``Serve.delete_endpoint``)."""
-    connect().delete_endpoint(endpoint)
-
-
-def set_traffic(endpoint_name: str, traffic_policy_dictionary: Any) -> None:
-    """Split an endpoint's traffic (see ``Serve.set_traffic``)."""
-    connect().set_traffic(endpoint_name, traffic_policy_dictionary)
-
-
+create_endpoint = _on_current(Client.create_endpoint)
+list_endpoints = _on_current(Client.list_endpoints)
+delete_endpoint = _on_current(Client.delete_endpoint)
+set_traffic = _on_current(Client.set_traffic)
 split = set_traffic
+link = _on_current(Client.link)
+shadow_traffic = _on_current(Client.shadow_traffic)
 
-
-def link(endpoint_name: str, backend_tag: str) -> None:
-    """Send all of an endpoint's traffic to one backend."""
-    connect().link(endpoint_name, backend_tag)
-
-
-def shadow_traffic(endpoint_name: str, backend_tag: str, proportion: Any) -> None:
-    """Copy a proportion of an endpoint's traffic to a backend."""
-    connect().shadow_traffic(endpoint_name, backend_tag, proportion)
-
-
-def stat(
-    percentiles: Sequence[float] = (50, 90, 95),
-    agg_windows_seconds: Sequence[int] = (10, 60, 300, 600, 3600),
-) -> dict[str, Any]:
-    """Counts and latency percentiles of the current instance (see ``Serve.stat``)."""
-    return connect().stat(percentiles, agg_windows_seconds)
+stat = _on_current(Client.stat)
+get_handle = _on_current(Client.get_handle)
 
 
 def route(
@@ -271,21 +221,3 @@ def route(
         return handle
 
     return decorator
-
-
-def get_handle(
-    endpoint_name: str,
-    missing_ok: bool = False,
-    sync: bool = True,
-    *,
-    relative_slo_ms: float | None = None,
-    absolute_slo_ms: float | None = None,
-) -> SyncServeHandle | ServeHandle:
-    """A handle to an endpoint of the current instance (sync by default)."""
-    return connect().get_handle(
-        endpoint_name,
-        missing_ok,
-        sync,
-        relative_slo_ms=relative_slo_ms,
-        absolute_slo_ms=absolute_slo_ms,
-    )

@@ -2,26 +2,40 @@
 
 Every method blocks until the work is done on the instance's loop. Calling one from that loop's own
 thread (from inside an async backend, say) would deadlock, so it raises a clear error instead.
+
+The control API is written once, in the core: each ``Client`` method is built from the ``Serve``
+method of the same name (same signature, docstring and static type) and runs it on the loop
+thread. What the facade adds is only what the sync world and the legacy scripts need: ``sync=``
+handles, ``detached`` instances, and the 0.8 argument orders (``create_backend(func, "tag")``,
+``create_endpoint(name, "/route")``) and names (``set_backend_config``, ``split``, ``link``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import inspect
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._concurrency import new_event_loop
-from .config import BackendConfig, HTTPOptions
+from .config import HTTPOptions
 from .context import current_replica
-from .exceptions import ServeError, ServeShutdown
+from .exceptions import ConfigError, ServeError, ServeShutdown
 from .handle import ServeHandle
 from .serve import Serve
 
 __all__ = ["Client", "RayServeSyncHandle", "SyncServeHandle"]
 
+P = ParamSpec("P")
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+LegacyForm = Callable[[Args, Kwargs], tuple[Args, Kwargs]]
 
 
 class _LoopThread:
@@ -117,8 +131,145 @@ class SyncServeHandle:
 RayServeSyncHandle = SyncServeHandle
 
 
+# -- delegation: one definition (the core's), presented unchanged --------------------------------
+
+
+def present_as(
+    wrapper: Callable[..., Any],
+    target: Callable[..., Any],
+    *,
+    qualname: str,
+    bound: bool = False,
+    note: str | None = None,
+    keywords: Sequence[inspect.Parameter] = (),
+) -> None:
+    """Give ``wrapper`` the name, docstring and signature of ``target``, for help() and IDEs.
+
+    ``bound`` drops the target's first parameter (a method presented as a plain function);
+    ``note`` is appended to the docstring and ``keywords`` to the parameters, unless the target
+    has them already (what a legacy form adds).
+    """
+    module = wrapper.__module__
+    functools.update_wrapper(wrapper, target)
+    wrapper.__module__ = module
+    wrapper.__qualname__ = qualname
+    if note is not None:
+        wrapper.__doc__ = f"{inspect.cleandoc(target.__doc__ or '')}\n\n{inspect.cleandoc(note)}"
+    signature = inspect.signature(target)
+    params = list(signature.parameters.values())[1 if bound else 0 :]
+    added = [p for p in keywords if p.name not in signature.parameters]
+    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        params[-1:-1] = added
+    else:
+        params.extend(added)
+    wrapper.__dict__["__signature__"] = signature.replace(parameters=params)
+
+
+def forwarding(target: Callable[..., Any]) -> Callable[[F], F]:
+    """Show a function's ``**options`` as the keyword parameters of ``target`` it passes them to.
+
+    The function names only what it adds or orders differently; every other option is
+    ``target``'s, so an option added there is accepted and documented here at once.
+    """
+
+    def decorate(func: F) -> F:
+        own = inspect.signature(func)
+        head = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        tail = [
+            p.replace(kind=p.KEYWORD_ONLY)
+            for p in inspect.signature(target).parameters.values()
+            if p.name not in own.parameters and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        func.__dict__["__signature__"] = own.replace(parameters=[*head, *tail])
+        return func
+
+    return decorate
+
+
+def _blocking(
+    core: Callable[Concatenate[Serve, P], Coroutine[Any, Any, T]],
+    *,
+    legacy: LegacyForm | None = None,
+    legacy_keywords: Sequence[inspect.Parameter] = (),
+) -> Callable[Concatenate[Client, P], T]:
+    """A ``Client`` method that runs the core coroutine ``core`` on the loop and waits for it."""
+
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if legacy is None:
+            return self._thread.run(core(self._serve, *args, **kwargs))
+        # The rewritten arguments are the core's modern form; only their static type is lost.
+        call_args, call_kwargs = legacy(args, kwargs)
+        untyped: Callable[..., Coroutine[Any, Any, T]] = core
+        return self._thread.run(untyped(self._serve, *call_args, **call_kwargs))
+
+    present_as(
+        method,
+        core,
+        qualname=f"Client.{core.__name__}",
+        note=legacy.__doc__ if legacy is not None else None,
+        keywords=legacy_keywords,
+    )
+    return method
+
+
+def _read(core: Callable[Concatenate[Serve, P], T]) -> Callable[Concatenate[Client, P], T]:
+    """A ``Client`` method that runs the core's plain read ``core`` on the loop thread.
+
+    On that thread it races with no control call: it sees the state before or after one, whole.
+    """
+
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._thread.call(functools.partial(core, self._serve, *args, **kwargs))
+
+    present_as(method, core, qualname=f"Client.{core.__name__}")
+    return method
+
+
+def _create_backend_0_8(args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs]:
+    """The 0.8 forms are accepted too: ``backend_config=`` for ``config=``, and the order
+    ``create_backend(func_or_class, "tag", *init_args)``."""
+    if len(args) >= 2 and not isinstance(args[0], str) and isinstance(args[1], str):
+        args = (args[1], args[0], *args[2:])
+    if "backend_config" in kwargs:
+        kwargs = dict(kwargs)
+        backend_config = kwargs.pop("backend_config")
+        if backend_config is not None:
+            if kwargs.get("config") is not None:
+                raise ConfigError(
+                    f"create_backend got config={kwargs['config']!r} and its 0.8 name "
+                    f"backend_config={backend_config!r}; pass config only, not both."
+                )
+            kwargs["config"] = backend_config
+    return args, kwargs
+
+
+_BACKEND_CONFIG = inspect.Parameter(
+    "backend_config",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=None,
+    annotation="BackendConfig | Mapping[str, Any] | None",
+)
+
+
+def _route_second(args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs]:
+    """The 0.8 form ``create_endpoint(name, "/route")`` (a second argument starting with "/")
+    sets the route; the endpoint has no backend until ``link`` or ``set_traffic``."""
+    if (
+        len(args) == 2
+        and isinstance(args[1], str)
+        and args[1].startswith("/")
+        and kwargs.get("route") is None
+    ):
+        return args[:1], {**kwargs, "route": args[1]}
+    return args, kwargs
+
+
 class Client:
-    """A running instance driven from synchronous code; every method blocks until done."""
+    """A running instance driven from synchronous code; every method blocks until done.
+
+    The control methods are the core's (see :class:`Serve`), run on the instance's loop thread;
+    ``get_handle`` returns a sync handle unless ``sync=False``.
+    """
 
     def __init__(self, serve: Serve, loop_thread: _LoopThread, *, detached: bool = False) -> None:
         self._serve = serve
@@ -126,6 +277,7 @@ class Client:
         self.detached = detached
 
     @classmethod
+    @forwarding(Serve)
     def start(
         cls,
         http_options: HTTPOptions | Mapping[str, Any] | None = None,
@@ -133,7 +285,10 @@ class Client:
         detached: bool = False,
         **serve_options: Any,
     ) -> Client:
-        """Start a new instance on its own loop thread and return its client."""
+        """Start a new instance on its own loop thread and return its client.
+
+        Every option of the :class:`Serve` constructor is accepted (``access_log``, ``seed``, ...).
+        """
         serve = Serve(http_options, **serve_options)
         thread = _LoopThread("aioserve-loop")
         try:
@@ -178,98 +333,46 @@ class Client:
             self._thread.run(self._serve.aclose())
         self._thread.stop()
 
-    # -- backends -------------------------------------------------------------------------------
+    # -- the control API: the core's methods, run on the loop thread ----------------------------
 
-    def create_backend(
-        self, backend_tag: Any, func_or_class: Any = None, *init_args: Any, **options: Any
-    ) -> None:
-        """See :meth:`Serve.create_backend`."""
-        self._thread.run(
-            self._serve.create_backend(backend_tag, func_or_class, *init_args, **options)
-        )
+    create_backend = _blocking(
+        Serve.create_backend, legacy=_create_backend_0_8, legacy_keywords=[_BACKEND_CONFIG]
+    )
+    list_backends = _read(Serve.list_backends)
+    get_backend_config = _read(Serve.get_backend_config)
+    backend_statistics = _read(Serve.backend_statistics)
+    update_backend_config = _blocking(Serve.update_backend_config)
+    delete_backend = _blocking(Serve.delete_backend)
 
-    def list_backends(self) -> dict[str, dict[str, Any]]:
-        """See :meth:`Serve.list_backends`."""
-        return self._thread.call(self._serve.list_backends)
+    create_endpoint = _blocking(Serve.create_endpoint, legacy=_route_second)
+    list_endpoints = _read(Serve.list_endpoints)
+    delete_endpoint = _blocking(Serve.delete_endpoint)
+    set_traffic = _blocking(Serve.set_traffic)
+    shadow_traffic = _blocking(Serve.shadow_traffic)
 
-    def get_backend_config(self, backend_tag: str) -> BackendConfig:
-        """See :meth:`Serve.get_backend_config`."""
-        return self._thread.call(lambda: self._serve.get_backend_config(backend_tag))
+    stat = _read(Serve.stat)
 
-    def update_backend_config(
-        self, backend_tag: str, config_options: BackendConfig | Mapping[str, Any]
-    ) -> None:
-        """See :meth:`Serve.update_backend_config`."""
-        self._thread.run(self._serve.update_backend_config(backend_tag, config_options))
+    # -- the 0.8 names ---------------------------------------------------------------------------
 
     set_backend_config = update_backend_config
-
-    def delete_backend(self, backend_tag: str, force: bool = False) -> None:
-        """See :meth:`Serve.delete_backend`."""
-        self._thread.run(self._serve.delete_backend(backend_tag, force))
-
-    # -- endpoints ------------------------------------------------------------------------------
-
-    def create_endpoint(
-        self,
-        endpoint_name: Any,
-        backend: Any = None,
-        *,
-        route: Any = None,
-        methods: Iterable[str] | str = ("GET",),
-    ) -> None:
-        """See :meth:`Serve.create_endpoint`."""
-        self._thread.run(
-            self._serve.create_endpoint(endpoint_name, backend, route=route, methods=methods)
-        )
-
-    def list_endpoints(self) -> dict[str, dict[str, Any]]:
-        """See :meth:`Serve.list_endpoints`."""
-        return self._thread.call(self._serve.list_endpoints)
-
-    def delete_endpoint(self, endpoint: str) -> None:
-        """See :meth:`Serve.delete_endpoint`."""
-        self._thread.run(self._serve.delete_endpoint(endpoint))
-
-    def set_traffic(self, endpoint_name: str, traffic_policy_dictionary: Any) -> None:
-        """See :meth:`Serve.set_traffic`."""
-        self._thread.run(self._serve.set_traffic(endpoint_name, traffic_policy_dictionary))
-
     split = set_traffic
 
-    def link(self, endpoint_name: str, backend_tag: str) -> None:
-        """See :meth:`Serve.link`."""
-        self._thread.run(self._serve.link(endpoint_name, backend_tag))
-
-    def shadow_traffic(self, endpoint_name: str, backend_tag: str, proportion: Any) -> None:
-        """See :meth:`Serve.shadow_traffic`."""
-        self._thread.run(self._serve.shadow_traffic(endpoint_name, backend_tag, proportion))
-
-    def stat(
-        self,
-        percentiles: Sequence[float] = (50, 90, 95),
-        agg_windows_seconds: Sequence[int] = (10, 60, 300, 600, 3600),
-    ) -> dict[str, Any]:
-        """See :meth:`Serve.stat`."""
-        return self._thread.call(lambda: self._serve.stat(percentiles, agg_windows_seconds))
+    def link(self, /, endpoint_name: str, backend_tag: str) -> None:
+        """Send all of an endpoint's traffic to one backend (``set_traffic(name, {tag: 1.0})``)."""
+        self.set_traffic(endpoint_name, {backend_tag: 1.0})
 
     # -- handles --------------------------------------------------------------------------------
 
+    @forwarding(Serve.get_handle)
     def get_handle(
-        self,
-        endpoint_name: str,
-        missing_ok: bool = False,
-        sync: bool = True,
-        *,
-        relative_slo_ms: float | None = None,
-        absolute_slo_ms: float | None = None,
+        self, /, endpoint_name: str, missing_ok: bool = False, sync: bool = True, **options: Any
     ) -> SyncServeHandle | ServeHandle:
-        """A sync handle (default) or, with ``sync=False``, an async one usable from any loop."""
+        """A sync handle (default) or, with ``sync=False``, an async one usable from any loop.
+
+        Every option of :meth:`Serve.get_handle` is accepted (``relative_slo_ms``, ``shard_key``).
+        Unlike the other methods this one runs on the calling thread, so an async backend can get
+        an async handle on the loop thread itself.
+        """
         # A read of one dict entry: safe from any thread, including the loop's own.
-        handle = self._serve.get_handle(
-            endpoint_name,
-            missing_ok,
-            relative_slo_ms=relative_slo_ms,
-            absolute_slo_ms=absolute_slo_ms,
-        )
+        handle = self._serve.get_handle(endpoint_name, missing_ok, **options)
         return SyncServeHandle(handle) if sync else handle

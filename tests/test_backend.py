@@ -107,19 +107,6 @@ async def test_create_backend_kinds(
     assert list(serve.list_backends()) == ["b"]
 
 
-async def test_create_backend_legacy_argument_order(serve: Serve) -> None:
-    await serve.create_backend(double, "legacy")
-    await serve.create_endpoint("legacy", backend="legacy")
-    assert list(serve.list_backends()) == ["legacy"]
-    assert await serve.get_handle("legacy").remote(21) == 42
-
-
-async def test_create_backend_legacy_order_with_init_args(serve: Serve) -> None:
-    await serve.create_backend(Scaler, "legacy", 10)
-    await serve.create_endpoint("legacy", backend="legacy")
-    assert await serve.get_handle("legacy").remote(2) == 20
-
-
 @pytest.mark.parametrize(
     ("args", "error", "match"),
     [

@@ -53,11 +53,6 @@ async def test_concurrent_acloses_both_wait_for_the_end() -> None:
         (lambda s: s.create_backend("", echo), TypeError, "non-empty str"),
         (lambda s: s.create_backend(3, echo), TypeError, "non-empty str"),
         (lambda s: s.create_backend("x"), TypeError, "needs a function"),
-        (
-            lambda s: s.create_backend("x", echo, config={}, backend_config={}),
-            ValueError,
-            "not both",
-        ),
         (lambda s: s.create_backend("x", echo, ray_actor_options=3), TypeError, "dict"),
         (lambda s: s.create_endpoint("", backend=None), TypeError, "non-empty str"),
         (lambda s: s.create_endpoint("e", route="/a/{x:nope}"), ValueError, "not a valid path"),
