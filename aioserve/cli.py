@@ -221,7 +221,7 @@ class _Target:
             return
         if self.deployment is not None:
             try:
-                await self.deployment.apply(serve)
+                await self.deployment.state.apply(serve)
             except DeploymentError as exc:
                 cause = exc.__cause__ if exc.__cause__ is not None else exc
                 config = isinstance(cause, ConfigError | ConfigTypeError)

@@ -4,9 +4,11 @@
 
     deployment = load_deployment("deployment.toml")  # checks the whole file, starts nothing
     async with Serve(http_options=deployment.http) as serve:
-        await deployment.apply(serve)
+        await deployment.state.apply(serve)
 
-The file (read with the stdlib ``tomllib``)::
+The file is one serialisation of :class:`~aioserve.state.ControlState` (the SQLite state file is
+the other): ``deployment.state`` is what it declares, and the ``[http]`` table, which is not control
+state, is ``deployment.http``. The file (read with the stdlib ``tomllib``)::
 
     [http]                      # optional: HTTPOptions (aioserve run --host/--port win)
     host = "127.0.0.1"
@@ -31,69 +33,50 @@ The file (read with the stdlib ``tomllib``)::
 
 The whole file is checked before anything starts: unknown keys, wrong types, missing required
 keys, bad config values, unknown backends in ``backend``/``traffic``/``shadows``, weights not
-summing to 1.
-Each error is reported as ``FILE:LINE: key.path: message`` (for example
+summing to 1. Each error is reported as ``FILE:LINE: key.path: message`` (for example
 ``deployment.toml:14: backends[1].config.num_replicas: num_replicas must be >= 1, got 0.``); array
-indexes count from 0. tomllib gives no positions, so the line is found by scanning the text for the
-key: best effort (the line of the nearest enclosing key when the key itself is not found).
-:func:`load_deployment` raises one :class:`DeploymentError` listing every problem of the file.
+indexes count from 0. :func:`load_deployment` raises one :class:`DeploymentError` listing every
+problem of the file.
+
+tomllib gives no positions, so the line is looked up in the text: each line that starts a table
+(``[a.b]``, ``[[a]]``) or sets a key (``a.b = ...``) is read on its own with tomllib, which decodes
+its key (quoted keys included). A key path's line is the deepest table header that contains it,
+then the line in that table's body that sets the longest leading part of the rest of the path; a
+key inside an inline table or an array is reported at the line of the key that holds it. Limits:
+lines inside multi-line strings are skipped by counting triple quotes, and a line inside a
+multi-line array that reads as a table header on its own (``["x"]``) is taken for one; the error
+then names a wrong line, never a wrong key path or message. Without a line, the file alone is named.
 
 Errors that only ``Serve`` can detect while building (a constructor that raises, ``max_batch_size``
-on a callable that does not batch) are raised by :meth:`Deployment.apply` as a
-:class:`DeploymentError` located the same way, with Serve's error as its ``__cause__``; what was
-created before the failing step stays (the caller shuts the instance down).
+on a callable that does not batch) are raised by :meth:`ControlState.apply` as a
+:class:`DeploymentError` located the same way (each item of the state carries its origin), with
+Serve's error as its ``__cause__``; what was created before the failing step stays (the caller
+shuts the instance down).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import tomllib
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._importer import import_attr
 from .config import BackendConfig, HTTPOptions
 from .exceptions import ConfigError, DeploymentError, ServeError
 from .policy import validate_shadow_proportion, validate_traffic
+from .state import BackendRecord, ControlState, EndpointRecord
 
-if TYPE_CHECKING:
-    from .serve import Serve
-
-__all__ = ["BackendSpec", "Deployment", "EndpointSpec", "load_deployment"]
+__all__ = ["Deployment", "load_deployment"]
 
 
 # -- locating keys in a TOML text ------------------------------------------------------------------
 
 _KeyPath = tuple[str | int, ...]
 
-_BARE = r"[A-Za-z0-9_-]+"
-_BASIC = r'"(?:[^"\\]|\\.)*"'
-_LITERAL = r"'[^']*'"
-_KEY_PART = f"(?:{_BARE}|{_BASIC}|{_LITERAL})"
-_DOTTED = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
-_HEADER_RE = re.compile(rf"^\s*(\[\[?)\s*({_DOTTED})\s*\]\]?\s*(?:#.*)?$")
-_KEY_RE = re.compile(rf"^\s*({_DOTTED})\s*=(.*)$")
-_INLINE_KEY_RE = re.compile(rf"[{{,]\s*({_KEY_PART})\s*=")
-_PART_RE = re.compile(_KEY_PART)
-
-
-def _key_parts(dotted: str) -> list[str]:
-    parts = []
-    for token in _PART_RE.findall(dotted):
-        if token.startswith('"'):
-            try:
-                parts.append(json.loads(token))
-            except ValueError:
-                parts.append(token[1:-1])
-        elif token.startswith("'"):
-            parts.append(token[1:-1])
-        else:
-            parts.append(token)
-    return parts
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _format_key_path(path: _KeyPath) -> str:
@@ -103,100 +86,95 @@ def _format_key_path(path: _KeyPath) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            text = part if re.fullmatch(_BARE, part) else json.dumps(part)
+            text = part if _BARE.fullmatch(part) else json.dumps(part)
             out += f".{text}" if out else text
     return out
 
 
-class _KeyLines:
-    """Best-effort map from key paths to the line that defines them (tomllib has no positions)."""
+def _key_of(data: dict[str, Any]) -> tuple[list[str], bool]:
+    """The key path of a one-statement document, and whether it ends in an array of tables."""
+    parts: list[str] = []
+    value: Any = data
+    while isinstance(value, dict) and len(value) == 1:
+        key, value = next(iter(value.items()))
+        parts.append(key)
+    return parts, isinstance(value, list)
+
+
+class _Lines:
+    """Where the tables and keys of a TOML text are, read line by line with tomllib."""
 
     def __init__(self, text: str) -> None:
-        self._lines: dict[_KeyPath, int] = {}
-        self._arrays: dict[_KeyPath, int] = {}  # array-of-tables path -> current index
-        table: _KeyPath = ()
-        in_multiline: str | None = None
+        #: (line, resolved path, is an array-of-tables header) of each table header, in order.
+        self.headers: list[tuple[int, _KeyPath, bool]] = []
+        #: (line, index in headers or -1 for the root table, key parts) of each ``key = value``.
+        self.keys: list[tuple[int, int, tuple[str, ...]]] = []
+        counts: dict[_KeyPath, int] = {}  # array-of-tables path -> index of its current element
+        quote: str | None = None
         for number, line in enumerate(text.splitlines(), start=1):
-            if in_multiline is not None:
-                if line.count(in_multiline) % 2 == 1:
-                    in_multiline = None
+            if quote is not None:  # inside a multi-line string
+                if line.count(quote) % 2 == 1:
+                    quote = None
                 continue
-            header = _HEADER_RE.match(line)
-            if header is not None:
-                table = self._header(header.group(1) == "[[", _key_parts(header.group(2)), number)
-                continue
-            key = _KEY_RE.match(line)
-            if key is None:
-                continue
-            path = table + tuple(_key_parts(key.group(1)))
-            self._lines.setdefault(path, number)
-            value = key.group(2)
-            for quote in ('"""', "'''"):
-                if value.count(quote) % 2 == 1:
-                    in_multiline = quote
-            if value.lstrip().startswith("{"):
-                for inner in _INLINE_KEY_RE.finditer(value):
-                    self._lines.setdefault(path + tuple(_key_parts(inner.group(1))), number)
+            stripped = line.strip()
+            if stripped.startswith("["):
+                header = _parse(line)
+                if header is not None:
+                    parts, is_array = _key_of(header)
+                    path = self._resolve(parts, counts, is_array)
+                    self.headers.append((number, path, is_array))
+                    continue
+            for equals in (i for i, c in enumerate(line) if c == "="):
+                setting = _parse(line[:equals] + "= 0")
+                if setting is not None:
+                    parts, _ = _key_of(setting)
+                    self.keys.append((number, len(self.headers) - 1, tuple(parts)))
+                    value = line[equals + 1 :]
+                    for triple in ('"""', "'''"):
+                        if value.count(triple) % 2 == 1:
+                            quote = triple
+                    break
 
-    def _resolve(self, parts: list[str]) -> _KeyPath:
+    @staticmethod
+    def _resolve(parts: list[str], counts: dict[_KeyPath, int], is_array: bool) -> _KeyPath:
         out: list[str | int] = []
-        for part in parts:
+        for i, part in enumerate(parts):
             out.append(part)
-            index = self._arrays.get(tuple(out))
-            if index is not None:
-                out.append(index)
+            key = tuple(out)
+            if is_array and i == len(parts) - 1:
+                counts[key] = counts.get(key, -1) + 1
+            if key in counts:
+                out.append(counts[key])
         return tuple(out)
 
-    def _header(self, is_array: bool, parts: list[str], number: int) -> _KeyPath:
-        if not is_array:
-            path = self._resolve(parts)
-            self._lines.setdefault(path, number)
-            return path
-        key = (*self._resolve(parts[:-1]), parts[-1])
-        index = self._arrays.get(key, -1) + 1
-        self._arrays[key] = index
-        self._lines.setdefault(key, number)
-        self._lines.setdefault((*key, index), number)
-        return (*key, index)
-
     def find(self, path: _KeyPath) -> int | None:
-        """The line of ``path``, or of its nearest enclosing key that was found."""
-        for end in range(len(path), 0, -1):
-            line = self._lines.get(path[:end])
-            if line is not None:
-                return line
+        """The line of ``path``, of the key holding it, or of its table (None: not found)."""
+        table, depth = -1, 0
+        for index, (number, header, is_array) in enumerate(self.headers):
+            if header == path or (is_array and header[:-1] == path):
+                return number
+            if len(header) > depth and path[: len(header)] == header:
+                table, depth = index, len(header)
+        rest = path[depth:]
+        best: tuple[int, int] | None = None  # (parts matched, line)
+        for number, index, parts in self.keys:
+            if index != table or not parts or tuple(rest[: len(parts)]) != parts:
+                continue
+            if best is None or len(parts) > best[0]:
+                best = (len(parts), number)
+        if best is not None:
+            return best[1]
+        return self.headers[table][0] if table >= 0 else None
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
         return None
 
 
 # -- the TOML deployment ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class BackendSpec:
-    """One checked ``[[backends]]`` table: the arguments of :meth:`Serve.create_backend`.
-
-    ``path`` is where the table is in the file, e.g. ``("backends", 1)``.
-    """
-
-    path: _KeyPath
-    tag: str
-    target: str
-    init_args: list[Any]
-    config: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class EndpointSpec:
-    """One checked ``[[endpoints]]`` table: an endpoint, its traffic (empty: the one ``backend``,
-    if any) and its shadows. ``path`` is where the table is in the file."""
-
-    path: _KeyPath
-    name: str
-    backend: str | None
-    route: str | None
-    methods: list[str]
-    traffic: dict[str, float]
-    shadows: dict[str, float]
 
 
 def load_deployment(path: str | os.PathLike[str]) -> Deployment:
@@ -216,64 +194,27 @@ def load_deployment(path: str | os.PathLike[str]) -> Deployment:
 
 
 class Deployment:
-    """A checked deployment: what to create, in file order, and where each key is in the file.
+    """A checked deployment: the control state it declares, and its HTTP options.
 
     ``Deployment(text, source=...)`` checks ``text`` (``source`` names it in error reports) and
     raises :class:`DeploymentError` listing every problem; :func:`load_deployment` reads a file.
+    ``state`` is a :class:`~aioserve.state.ControlState` in file order whose items carry their
+    origin (``FILE:LINE: key.path``); create it with ``await deployment.state.apply(serve)``.
     ``http`` holds the ``[http]`` keys the file sets (valid :class:`~aioserve.HTTPOptions` fields,
-    for whoever makes the ``Serve``); ``backends`` and ``endpoints`` are :class:`BackendSpec` and
-    :class:`EndpointSpec` tuples.
+    for whoever makes the ``Serve``).
     """
 
     def __init__(self, text: str, *, source: str = "<deployment>") -> None:
         checker = _Checker(source, text)
         self.source = source
         self.http: dict[str, Any] = checker.http
-        self.backends: tuple[BackendSpec, ...] = tuple(checker.backends)
-        self.endpoints: tuple[EndpointSpec, ...] = tuple(checker.endpoints)
-        self._lines = checker.lines
+        self.state = checker.state
 
     def __repr__(self) -> str:
         return (
-            f"<Deployment {self.source!r}: {len(self.backends)} backends, "
-            f"{len(self.endpoints)} endpoints>"
+            f"<Deployment {self.source!r}: {len(self.state.backends)} backends, "
+            f"{len(self.state.endpoints)} endpoints>"
         )
-
-    async def apply(self, serve: Serve) -> None:
-        """Create the backends, then the endpoints with their traffic and shadows, in file order,
-        on the started ``serve``.
-
-        Raises :class:`DeploymentError` for the first step ``serve`` refuses, located at its table
-        or key, with ``serve``'s error as ``__cause__``; what was created before it stays.
-        """
-        for b in self.backends:
-            await self._step(
-                b.path, serve.create_backend(b.tag, b.target, *b.init_args, config=b.config)
-            )
-        for e in self.endpoints:
-            await self._step(
-                e.path, serve.create_endpoint(e.name, e.backend, route=e.route, methods=e.methods)
-            )
-            if e.traffic:
-                await self._step((*e.path, "traffic"), serve.set_traffic(e.name, e.traffic))
-            for tag, proportion in e.shadows.items():
-                await self._step(
-                    (*e.path, "shadows", tag), serve.shadow_traffic(e.name, tag, proportion)
-                )
-
-    async def _step(self, path: _KeyPath, call: Coroutine[Any, Any, None]) -> None:
-        try:
-            await call
-        except ServeError as exc:
-            line = _locate(self.source, self._lines, path, str(exc))
-            raise DeploymentError(line, [line]) from exc
-
-
-def _locate(source: str, lines: _KeyLines, path: _KeyPath, message: str) -> str:
-    """``FILE:LINE: key.path: message`` (without the line when it cannot be found)."""
-    line = lines.find(path)
-    where = f"{source}:{line}" if line is not None else source
-    return f"{where}: {_format_key_path(path)}: {message}"
 
 
 _TOP_KEYS = ("http", "backends", "endpoints")
@@ -292,11 +233,10 @@ class _Checker:
 
     def __init__(self, source: str, text: str) -> None:
         self.source = source
-        self.lines = _KeyLines(text)
+        self.lines = _Lines(text)
         self._errors: list[str] = []
         self.http: dict[str, Any] = {}
-        self.backends: list[BackendSpec] = []
-        self.endpoints: list[EndpointSpec] = []
+        self.state = ControlState()
         # Every backend tag, endpoint name and route declared, valid or not.
         self._tags: dict[str, _KeyPath] = {}
         self._names: dict[str, _KeyPath] = {}
@@ -315,7 +255,13 @@ class _Checker:
             raise DeploymentError("\n".join([head, *self._errors]), self._errors)
 
     def _error(self, path: _KeyPath, message: str) -> None:
-        self._errors.append(_locate(self.source, self.lines, path, message))
+        self._errors.append(f"{self.origin(path)}: {message}")
+
+    def origin(self, path: _KeyPath) -> str:
+        """``FILE:LINE: key.path`` (without the line when it cannot be found)."""
+        line = self.lines.find(path)
+        where = f"{self.source}:{line}" if line is not None else self.source
+        return f"{where}: {_format_key_path(path)}"
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -414,7 +360,9 @@ class _Checker:
             except ServeError as exc:
                 self._error((*path, "config"), str(exc))
         if len(self._errors) == ok and tag is not None and target is not None:
-            self.backends.append(BackendSpec(path, tag, target, list(init_args), dict(config)))
+            self.state.backends[tag] = BackendRecord(
+                tag, target, list(init_args), dict(config), origin=self.origin(path)
+            )
 
     def _tag(self, path: _KeyPath, tag: str) -> bool:
         if tag in self._tags:
@@ -464,8 +412,16 @@ class _Checker:
             traffic = self._traffic((*path, "traffic"), table["traffic"])
         shadows = self._shadows((*path, "shadows"), table.get("shadows", {}))
         if len(self._errors) == ok and name is not None:
-            self.endpoints.append(
-                EndpointSpec(path, name, backend, route, list(methods), traffic, shadows)
+            key = "backend" if backend is not None else "traffic"
+            self.state.endpoints[name] = EndpointRecord(
+                name,
+                route,
+                list(methods),
+                {backend: 1.0} if backend is not None else traffic,
+                shadows,
+                origin=self.origin(path),
+                traffic_origin=self.origin((*path, key)),
+                shadow_origins={tag: self.origin((*path, "shadows", tag)) for tag in shadows},
             )
 
     def _traffic(self, path: _KeyPath, traffic: object) -> dict[str, float]:

@@ -1,50 +1,54 @@
 """Persistence of the control state in SQLite: ``start(kv_store_path=...)``.
 
-The control state is what the mutating calls build: backends (by import path, with their init args
-and config), endpoints (route, methods), traffic and shadows. :class:`StateStore` keeps one
-:class:`Snapshot` of it in an SQLite file, saved whole in one transaction after every change and
-loaded when an instance starts on the same path.
+The SQLite file is one serialisation of :class:`~aioserve.state.ControlState` (the TOML deployment
+is the other): saved whole in one transaction after every change and loaded when an instance starts
+on the same path. What can be stored is checked when a backend is created, by
+:meth:`~aioserve.state.BackendRecord.of`.
 
-What can be stored, and checked when a backend is created with persistence on:
-
-- the target: an import path string (``"package.module:Name"``) that imports, or a function or class
-  defined at the top level of an importable module (:func:`target_spec`). Lambdas, nested functions,
-  instances and anything defined in ``__main__`` cannot be found again by another process;
-- init args and ``user_config``: JSON values only (:func:`check_storable`): None, bool, int, float,
-  str, list, and dict with str keys. Tuples are refused because they would come back as lists.
+:class:`AsyncStateStore` is what the event loop uses: every SQLite call runs on one thread it owns,
+in call order, so a file locked by another program stalls the control call that saves, never the
+requests being served. :class:`StateStore` is the same file driven synchronously (that thread runs
+it; scripts and tests may too).
 
 A file is recognised by its SQLite ``application_id`` and ``user_version`` (the schema version).
 A file that is not SQLite, is corrupt, belongs to another application or has a newer schema gives a
-:class:`StoreError` and is never written to.
+:class:`StoreError` and is never written to. A file another connection keeps locked for longer than
+``busy_timeout_s`` gives a :class:`StoreError` saying so; nothing was saved, and the next successful
+save writes the whole state.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
+import asyncio
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ._importer import import_attr
-from .config import BackendConfig
-from .exceptions import ConfigError, StoreError
+from .exceptions import ConfigError, ConfigTypeError, StoreError
+from .state import BackendRecord as BackendRecord
+from .state import ControlState, target_spec
+from .state import EndpointRecord as EndpointRecord
+
+# serve.py imports these three (and Snapshot) from here until it uses aioserve.state directly.
+from .state import check_storable as check_storable
 
 __all__ = [
     "APPLICATION_ID",
     "SCHEMA_VERSION",
-    "BackendRecord",
-    "EndpointRecord",
-    "Snapshot",
+    "AsyncStateStore",
     "StateStore",
-    "check_storable",
-    "target_spec",
 ]
+
+_T = TypeVar("_T")
+
+#: The name serve.py still uses for :class:`~aioserve.state.ControlState`.
+Snapshot = ControlState
 
 #: ``PRAGMA application_id`` of an aioserve state file: the bytes "aios".
 APPLICATION_ID = 0x61696F73
@@ -59,181 +63,37 @@ _SCHEMA = (
     "snapshot TEXT NOT NULL, "
     "saved_at REAL NOT NULL)"
 )
-_JSON_HELP = (
-    "Only JSON values can be stored: None, bool, int, float, str, list, and dict with str keys "
-    "(a tuple would come back as a list, so pass a list)."
-)
 
 
-# -- what can be stored ---------------------------------------------------------------------------
-
-
-def target_spec(target: object) -> str:
-    """The import path under which ``target`` is stored: ``"package.module:QualName"``.
-
-    An import path string is returned as given once it imports. A function or class must be
-    importable again by that name (``import_attr(spec) is target``); anything else raises
-    :class:`StoreError` saying why and how to fix it.
-    """
-    if isinstance(target, str):
-        try:
-            import_attr(target)
-        except ConfigError as exc:
-            raise StoreError(f"The backend target {target!r} cannot be stored: {exc}") from exc
-        return target
-    if not (inspect.isclass(target) or inspect.isroutine(target)):
-        kind = type(target).__name__
-        raise StoreError(
-            f"The backend target {target!r} cannot be stored: it is an instance of {kind}, which "
-            f"has no import path. Pass a module-level function or class (and its init args) or "
-            f"an import path 'package.module:Name'."
-        )
-    module = getattr(target, "__module__", None)
-    qualname = getattr(target, "__qualname__", None)
-    name = qualname or repr(target)
-    if not isinstance(module, str) or not isinstance(qualname, str):
-        raise StoreError(
-            f"The backend target {name} cannot be stored: it has no module and qualified name "
-            f"to import it by. Pass an import path 'package.module:Name' instead."
-        )
-    if "<lambda>" in qualname:
-        raise StoreError(
-            f"The backend target {module}.{qualname} cannot be stored: a lambda has no name to "
-            f"import it by. Define it with 'def' at the top level of a module, or pass its import "
-            f"path 'package.module:name'."
-        )
-    if "<locals>" in qualname:
-        raise StoreError(
-            f"The backend target {module}.{qualname} cannot be stored: it is defined inside a "
-            f"function, so no other process can import it. Move it to the top level of a module."
-        )
-    if module == "__main__":
-        raise StoreError(
-            f"The backend target {qualname} cannot be stored: it is defined in the __main__ "
-            f"module (the script being run), which another process cannot import by that name. "
-            f"Move it into a module and import it from there."
-        )
-    spec = f"{module}:{qualname}"
-    try:
-        found = import_attr(spec)
-    except ConfigError as exc:
-        raise StoreError(
-            f"The backend target {name} cannot be stored: {spec!r} does not import ({exc})."
-        ) from exc
-    if found is not target:
-        raise StoreError(
-            f"The backend target {name} cannot be stored: {spec!r} imports a different object "
-            f"(the name was rebound, or a decorator did not keep __module__ and __qualname__). "
-            f"Pass an import path 'package.module:Name' that names it."
-        )
-    return spec
-
-
-def check_storable(value: object, what: str) -> None:
-    """Raise :class:`StoreError` naming ``what`` unless ``value`` round-trips through JSON."""
-    problem = _json_problem(value, "")
-    if problem is not None:
-        where, description = problem
-        at = f" at {where}" if where else ""
-        raise StoreError(f"{what} cannot be stored: the value{at} is {description}. {_JSON_HELP}")
-
-
-def _json_problem(value: object, where: str) -> tuple[str, str] | None:
-    kind = type(value)
-    # Exact types: a subclass (IntEnum, OrderedDict, a str subclass) would come back as its base.
-    if value is None or kind in (bool, int, float, str):
-        return None
-    if isinstance(value, list) and kind is list:
-        for i, item in enumerate(value):
-            problem = _json_problem(item, f"{where}[{i}]")
-            if problem is not None:
-                return problem
-        return None
-    if isinstance(value, dict) and kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                return f"{where}", f"a dict with the non-str key {key!r}"
-            problem = _json_problem(item, f"{where}[{key!r}]")
-            if problem is not None:
-                return problem
-        return None
-    if kind is tuple:
-        return where, f"the tuple {value!r}"
-    return where, f"{value!r} of type {kind.__name__}"
-
-
-# -- records --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class BackendRecord:
-    """A backend as stored: its tag, target import path, init args and config fields."""
-
-    tag: str
-    target: str
-    init_args: list[Any] = dataclasses.field(default_factory=list)
-    #: The BackendConfig fields as given (``max_concurrent_queries`` unresolved), user_config too.
-    config: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def of(
-        cls,
-        tag: str,
-        target: object,
-        init_args: Sequence[Any] = (),
-        config: BackendConfig | Mapping[str, Any] | None = None,
-    ) -> BackendRecord:
-        """The record of a backend about to be created; :class:`StoreError` if it cannot be."""
-        try:
-            spec = target_spec(target)
-        except StoreError as exc:
-            raise StoreError(f"Backend {tag!r} cannot be persisted. {exc}") from exc
-        args = list(init_args)
-        check_storable(args, f"The init args of backend {tag!r}")
-        fields = BackendConfig.coerce(config).to_dict()
-        check_storable(fields["user_config"], f"The user_config of backend {tag!r}")
-        return cls(tag=tag, target=spec, init_args=args, config=fields)
-
-
-@dataclasses.dataclass
-class EndpointRecord:
-    """An endpoint as stored: name, route, methods, traffic and shadows."""
-
-    name: str
-    route: str | None = None
-    methods: list[str] = dataclasses.field(default_factory=lambda: ["GET"])
-    traffic: dict[str, float] = dataclasses.field(default_factory=dict)
-    shadows: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_info(cls, name: str, info: Mapping[str, Any]) -> EndpointRecord:
-        """The record of one entry of ``Serve.list_endpoints()``."""
-        return cls(
-            name=name,
-            route=info.get("route"),
-            methods=list(info.get("methods", ["GET"])),
-            traffic=dict(info.get("traffic", {})),
-            shadows=dict(info.get("shadows", {})),
-        )
-
-
-@dataclasses.dataclass
-class Snapshot:
-    """The whole control state: backends and endpoints, each in creation order."""
-
-    backends: dict[str, BackendRecord] = dataclasses.field(default_factory=dict)
-    endpoints: dict[str, EndpointRecord] = dataclasses.field(default_factory=dict)
-
-
-def _encode(snapshot: Snapshot) -> str:
+def _encode(state: ControlState) -> str:
+    # The on-disk shape of schema version 1; origins are not stored.
     data = {
-        "backends": [dataclasses.asdict(b) for b in snapshot.backends.values()],
-        "endpoints": [dataclasses.asdict(e) for e in snapshot.endpoints.values()],
+        "backends": [
+            {
+                "tag": b.tag,
+                "target": b.target if isinstance(b.target, str) else target_spec(b.target),
+                "init_args": b.init_args,
+                "config": b.config,
+            }
+            for b in state.backends.values()
+        ],
+        "endpoints": [
+            {
+                "name": e.name,
+                "route": e.route,
+                "methods": e.methods,
+                "traffic": e.traffic,
+                "shadows": e.shadows,
+            }
+            for e in state.endpoints.values()
+        ],
     }
     try:
         return json.dumps(data, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"The snapshot cannot be stored: {exc}. {_JSON_HELP}") from exc
+        raise StoreError(
+            f"The control state cannot be stored: {exc}. Only JSON values can be stored."
+        ) from exc
 
 
 class _Corrupt(Exception):
@@ -247,11 +107,11 @@ def _field(item: Mapping[str, Any], key: str, types: type | tuple[type, ...], wh
     return value
 
 
-def _decode(text: str) -> Snapshot:
+def _decode(text: str) -> ControlState:
     data = json.loads(text)
     if not isinstance(data, dict):
         raise _Corrupt("the snapshot is not a JSON object")
-    snapshot = Snapshot()
+    snapshot = ControlState()
     backends = data.get("backends")
     endpoints = data.get("endpoints")
     if not isinstance(backends, list) or not isinstance(endpoints, list):
@@ -293,11 +153,17 @@ class StateStore:
     """One SQLite state file. Synchronous and thread-safe; each call is one short transaction.
 
     The file is opened on first use, so making a StateStore touches nothing. Several StateStore
-    objects (or processes) may use one path: each load reads the last save.
+    objects (or processes) may use one path: each load reads the last save. A call waits up to
+    ``busy_timeout_s`` for a lock another connection holds on the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 10.0) -> None:
+        if isinstance(busy_timeout_s, bool) or not isinstance(busy_timeout_s, int | float):
+            raise ConfigTypeError(f"busy_timeout_s must be a number, got {busy_timeout_s!r}.")
+        if not busy_timeout_s >= 0:
+            raise ConfigError(f"busy_timeout_s must be a number >= 0, got {busy_timeout_s!r}.")
         self.path = Path(path)
+        self.busy_timeout_s = float(busy_timeout_s)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -312,8 +178,8 @@ class StateStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def load(self) -> Snapshot | None:
-        """The saved snapshot, or None for a new or empty file.
+    def load(self) -> ControlState | None:
+        """The saved state, or None for a new or empty file.
 
         Raises :class:`StoreError` (and leaves the file untouched) if the file is not SQLite, is
         corrupt, belongs to another application or was written by a newer aioserve.
@@ -328,7 +194,7 @@ class StateStore:
                     return None
                 row = conn.execute(f"SELECT snapshot FROM {_TABLE} WHERE id = 1").fetchone()
             except sqlite3.DatabaseError as exc:
-                raise self._corrupt(exc) from exc
+                raise self._failed(exc) from exc
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -339,9 +205,21 @@ class StateStore:
         except (ValueError, TypeError, _Corrupt) as exc:
             raise self._corrupt(exc) from None
 
-    def save(self, snapshot: Snapshot) -> None:
-        """Replace the saved snapshot, atomically (one transaction)."""
-        text = _encode(snapshot)
+    def save(self, state: ControlState) -> None:
+        """Replace the saved state, atomically (one transaction)."""
+        self._write(_encode(state))
+
+    def close(self) -> None:
+        """Close the file. Idempotent; a closed store cannot be used again."""
+        with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _write(self, text: str) -> None:
         with self._lock:
             conn = self._connect()
             try:
@@ -357,20 +235,10 @@ class StateStore:
                 )
                 conn.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
-                raise self._corrupt(exc) from exc
+                raise self._failed(exc) from exc
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-
-    def close(self) -> None:
-        """Close the file. Idempotent; a closed store cannot be used again."""
-        with self._lock:
-            self._closed = True
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-
-    # -- internals ------------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         if self._closed:
@@ -379,7 +247,10 @@ class StateStore:
         if self._conn is None:
             try:
                 self._conn = sqlite3.connect(
-                    self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+                    self.path,
+                    timeout=self.busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
                 )
             except sqlite3.Error as exc:
                 raise StoreError(f"Cannot open the state file {str(self.path)!r}: {exc}.") from exc
@@ -432,8 +303,103 @@ class StateStore:
             f"pass another kv_store_path."
         )
 
+    def _failed(self, exc: sqlite3.DatabaseError) -> StoreError:
+        if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return StoreError(
+                f"The state file {str(self.path)!r} stayed locked by another connection for "
+                f"longer than the busy timeout of {self.busy_timeout_s:g} s ({exc}), so the state "
+                f"was not read or saved. Stop the program that holds it, or pass another "
+                f"kv_store_path."
+            )
+        return self._corrupt(exc)
+
     def _corrupt(self, exc: BaseException) -> StoreError:
         return StoreError(
             f"The state file {str(self.path)!r} is corrupt: {exc}. It was left untouched; move "
             f"it away or pass another kv_store_path."
         )
+
+
+# -- the file, from the event loop ----------------------------------------------------------------
+
+
+class AsyncStateStore:
+    """A :class:`StateStore` used from the event loop: ``await load()``, ``await save(state)``,
+    ``await aclose()``. Nothing of SQLite runs on the loop.
+
+    Every call runs on one worker thread the store owns (started on first use), in call order.
+    Saves are whole states, so the latest wins: a save that waits while another is written is
+    skipped when a later save has written a newer state by the time its turn comes, and returns
+    then. A save returns once a state at least as new as its own is in the file, or raises
+    :class:`StoreError` (a locked file after ``busy_timeout_s``, a foreign or corrupt file, a
+    closed store); a failed save changes nothing in the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 10.0) -> None:
+        self._file = StateStore(path, busy_timeout_s=busy_timeout_s)
+        self._executor: ThreadPoolExecutor | None = None
+        self._turn = asyncio.Lock()  # one save at a time decides what to write
+        self._latest = ""
+        self._requested = 0  # number of the latest save asked for
+        self._written = 0  # number of the latest save in the file
+        self._closed = False
+
+    @property
+    def path(self) -> Path:
+        """The state file."""
+        return self._file.path
+
+    @property
+    def busy_timeout_s(self) -> float:
+        """How long a call waits for a lock another connection holds on the file."""
+        return self._file.busy_timeout_s
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<AsyncStateStore {str(self.path)!r} {state}>"
+
+    async def __aenter__(self) -> AsyncStateStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def load(self) -> ControlState | None:
+        """The saved state, or None for a new or empty file (see :meth:`StateStore.load`)."""
+        return await self._run(self._file.load)
+
+    async def save(self, state: ControlState) -> None:
+        """Replace the saved state with ``state`` as it is when this coroutine starts (a change
+        made while it waits is not part of it); see the class docstring for order and errors."""
+        text = _encode(state)  # JSON only, on the loop: it is the snapshot of this moment
+        self._requested += 1
+        mine = self._requested
+        self._latest = text
+        async with self._turn:
+            if self._written >= mine:
+                return
+            text, number = self._latest, self._requested
+            await self._run(self._file._write, text)
+            self._written = number
+
+    async def aclose(self) -> None:
+        """Wait for the saves under way, close the file and stop the thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        executor, self._executor = self._executor, None
+        if executor is None:
+            self._file.close()  # never opened: nothing blocks
+            return
+        try:
+            await asyncio.wrap_future(executor.submit(self._file.close))
+        finally:
+            # The worker has run everything queued before the close; it exits on its own.
+            executor.shutdown(wait=False)
+
+    async def _run(self, call: Callable[..., _T], *args: Any) -> _T:
+        if self._closed:
+            raise StoreError(f"The state store {str(self.path)!r} is closed.")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aioserve-store")
+        return await asyncio.wrap_future(self._executor.submit(call, *args))

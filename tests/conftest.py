@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import AsyncIterator, Iterator
+import os
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -86,3 +90,43 @@ async def gate(serve: Serve) -> AsyncIterator[Gate]:
     g = Gate()
     yield g
     g.release.set()
+
+
+@pytest.fixture
+def sqlite_lock() -> Callable[[str | os.PathLike[str]], contextlib.AbstractContextManager[None]]:
+    """``with sqlite_lock(path):`` holds an exclusive lock on an SQLite file meanwhile."""
+    return _sqlite_locked
+
+
+@contextlib.contextmanager
+def _sqlite_locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on the SQLite file at ``path`` from a plain thread (another
+    connection, as another program would) until the block ends."""
+    locked = threading.Event()
+    release = threading.Event()
+    failure: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+            try:
+                conn.execute("BEGIN EXCLUSIVE")
+                locked.set()
+                release.wait()
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+        except BaseException as exc:
+            failure.append(exc)
+            locked.set()
+
+    thread = threading.Thread(target=hold, name="sqlite lock holder")
+    thread.start()
+    try:
+        assert locked.wait(10.0), "the lock holder did not start"
+        if failure:
+            raise failure[0]
+        yield
+    finally:
+        release.set()
+        thread.join()

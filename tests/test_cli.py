@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aioserve import cli
-from aioserve.deployment import _format_key_path, _KeyLines, load_deployment
+from aioserve import DeploymentError, cli
+from aioserve.deployment import load_deployment
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_TOML = "examples/deployment.toml"
@@ -493,39 +493,49 @@ def test_key_paths_and_lines(
     assert f"{path}{expected}" in err, err
 
 
-def test_lines_are_found_past_multiline_strings_and_in_nested_arrays() -> None:
-    text = (
+def test_lines_are_found_past_multiline_strings_and_in_nested_arrays(tmp_path: Path) -> None:
+    path = tmp_path / "nested.toml"
+    path.write_text(
         'doc = """\n'
         "[[backends]]\n"  # inside the string: not a header
         'name = "fake"\n'
         '"""\n'
         "[[backends]]\n"
+        'tag = "a"\n'
+        'target = "json:dumps"\n'
         "[backends.config]\n"
         "user_config = { a = 1 }\n"
+        "num_replicas = 0\n"
         "[[backends]]\n"
+        'tag = "b"\n'
+        'target = "json:dumps"\n'
         "[[backends.items]]\n"
         "[[backends.items]]\n"
         "x = 1\n"
+        "[[endpoints]]\n"
+        'name = "e"\n'
+        'traffic = { "my tag" = 1.0 }\n'
     )
-    lines = _KeyLines(text)
-    assert lines.find(("doc",)) == 1
-    assert lines.find(("backends", 0)) == 5
-    assert lines.find(("backends", 0, "config", "user_config", "a")) == 7
-    assert lines.find(("backends", 1)) == 8
-    assert lines.find(("backends", 1, "items", 1, "x")) == 11
-    assert lines.find(("backends", 1, "items", 1, "nope")) == 10
-    assert lines.find(("nothing",)) is None
-    assert _format_key_path(("traffic", "my tag", 0)) == 'traffic."my tag"[0]'
+    with pytest.raises(DeploymentError) as caught:
+        load_deployment(path)
+    located = [line.split(": ", 2)[:2] for line in caught.value.errors]
+    assert located == [
+        [f"{path}:1", "doc"],
+        [f"{path}:10", "backends[0].config.num_replicas"],
+        [f"{path}:14", "backends[1].items"],
+        [f"{path}:19", 'endpoints[0].traffic."my tag"'],
+    ]
 
 
 @pytest.mark.usefixtures("in_repo")
 def test_the_example_file_is_valid() -> None:
     deployment = load_deployment(EXAMPLE_TOML)
-    assert [b.tag for b in deployment.backends] == ["hello", "greeter-fr", "greeter-en", "pid"]
-    assert [e.name for e in deployment.endpoints] == ["hello", "greet", "pid"]
-    assert deployment.endpoints[1].traffic == {"greeter-fr": 0.5, "greeter-en": 0.5}
+    state = deployment.state
+    assert list(state.backends) == ["hello", "greeter-fr", "greeter-en", "pid"]
+    assert list(state.endpoints) == ["hello", "greet", "pid"]
+    assert state.endpoints["greet"].traffic == {"greeter-fr": 0.5, "greeter-en": 0.5}
     assert deployment.http == {"host": "127.0.0.1", "port": 8000}
-    assert json.loads(json.dumps(deployment.backends[1].config)) == {
+    assert json.loads(json.dumps(state.backends["greeter-fr"].config)) == {
         "num_replicas": 2,
         "user_config": {"punctuation": "!"},
     }

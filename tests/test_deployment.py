@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from aioserve import BackendError, ConfigError, Serve
-from aioserve.deployment import (
-    BackendSpec,
-    Deployment,
-    DeploymentError,
-    EndpointSpec,
-    load_deployment,
-)
+from aioserve import BackendError, ConfigError, DeploymentError, Serve
+from aioserve.deployment import Deployment, load_deployment
+from aioserve.state import BackendRecord, ControlState, EndpointRecord
 
 GOOD = """\
 [http]
@@ -48,30 +43,43 @@ def test_a_valid_text_is_what_to_create_in_file_order() -> None:
     deployment = Deployment(GOOD, source="good.toml")
     assert deployment.source == "good.toml"
     assert deployment.http == {"root_path": "/api"}
-    assert deployment.backends == (
-        BackendSpec(
-            ("backends", 0), "greeter", "_sample_backends:Greeter", ["bonjour"], {"num_replicas": 2}
-        ),
-        BackendSpec(("backends", 1), "shout", "_sample_backends:shout", [], {}),
+    assert deployment.state == ControlState(
+        backends={
+            "greeter": BackendRecord(
+                "greeter", "_sample_backends:Greeter", ["bonjour"], {"num_replicas": 2}
+            ),
+            "shout": BackendRecord("shout", "_sample_backends:shout", [], {}),
+        },
+        endpoints={
+            "greet": EndpointRecord(
+                "greet",
+                "/greet",
+                ["GET", "POST"],
+                {"greeter": 0.25, "shout": 0.75},
+                {"shout": 0.5},
+            ),
+            # One backend is all of the traffic.
+            "shout": EndpointRecord("shout", None, ["GET"], {"shout": 1.0}, {}),
+        },
     )
-    assert deployment.endpoints == (
-        EndpointSpec(
-            ("endpoints", 0),
-            "greet",
-            None,
-            "/greet",
-            ["GET", "POST"],
-            {"greeter": 0.25, "shout": 0.75},
-            {"shout": 0.5},
-        ),
-        EndpointSpec(("endpoints", 1), "shout", "shout", None, ["GET"], {}, {}),
-    )
+    assert list(deployment.state.backends) == ["greeter", "shout"]  # file order
     assert repr(deployment) == "<Deployment 'good.toml': 2 backends, 2 endpoints>"
+
+
+def test_every_item_carries_where_it_was_declared() -> None:
+    state = Deployment(GOOD, source="good.toml").state
+    assert state.backends["greeter"].origin == "good.toml:4: backends[0]"
+    assert state.backends["shout"].origin == "good.toml:11: backends[1]"
+    greet, shout = state.endpoints["greet"], state.endpoints["shout"]
+    assert greet.origin == "good.toml:15: endpoints[0]"
+    assert greet.traffic_origin == "good.toml:19: endpoints[0].traffic"
+    assert greet.shadow_origins == {"shout": "good.toml:20: endpoints[0].shadows.shout"}
+    assert shout.traffic_origin == "good.toml:24: endpoints[1].backend"
 
 
 def test_an_empty_text_is_an_empty_deployment() -> None:
     deployment = Deployment("")
-    assert (deployment.http, deployment.backends, deployment.endpoints) == ({}, (), ())
+    assert (deployment.http, deployment.state) == ({}, ControlState())
     assert deployment.source == "<deployment>"
 
 
@@ -127,7 +135,7 @@ def test_load_reads_the_file(tmp_path: Path) -> None:
     path.write_text(GOOD, encoding="utf-8")
     deployment = load_deployment(path)
     assert deployment.source == str(path)
-    assert [b.tag for b in deployment.backends] == ["greeter", "shout"]
+    assert list(deployment.state.backends) == ["greeter", "shout"]
 
 
 def test_load_reports_a_missing_or_unreadable_file(tmp_path: Path) -> None:
@@ -146,7 +154,7 @@ def test_load_reports_a_missing_or_unreadable_file(tmp_path: Path) -> None:
 
 
 async def test_apply_creates_backends_endpoints_traffic_and_shadows(serve: Serve) -> None:
-    await Deployment(GOOD, source="good.toml").apply(serve)
+    await Deployment(GOOD, source="good.toml").state.apply(serve)
     assert list(serve.list_backends()) == ["greeter", "shout"]
     assert serve.get_backend_config("greeter").num_replicas == 2
     endpoints = serve.list_endpoints()
@@ -173,7 +181,7 @@ async def test_a_step_serve_refuses_is_located_with_serves_error_as_cause(serve:
         'init_args = ["a", "b"]\n'
     )
     with pytest.raises(DeploymentError) as caught:
-        await Deployment(text, source="b.toml").apply(serve)
+        await Deployment(text, source="b.toml").state.apply(serve)
     error = caught.value
     assert isinstance(error.__cause__, BackendError)
     (line,) = error.errors
@@ -191,7 +199,7 @@ async def test_a_name_taken_on_the_instance_is_located_at_its_table(serve: Serve
     deployment = Deployment(text, source="s.toml")
     await serve.create_endpoint("e")
     with pytest.raises(DeploymentError) as caught:
-        await deployment.apply(serve)
+        await deployment.state.apply(serve)
     assert isinstance(caught.value.__cause__, ConfigError)
     assert str(caught.value).startswith("s.toml:4: endpoints[0]: ")
 
@@ -204,10 +212,10 @@ def test_an_endpoint_without_a_name_is_an_error_and_not_created() -> None:
     )
 
 
-def test_literal_keys_are_located_and_an_undecodable_key_is_reported_without_a_line() -> None:
-    # The scanner decodes quoted keys as JSON, which has no \U escape: best effort, the file alone.
+def test_quoted_and_literal_keys_are_located() -> None:
+    # Keys are decoded by tomllib itself, \U escapes included.
     text = "\"\\U0001F600\" = 1\n'a.b' = 2\n"
     with pytest.raises(DeploymentError) as caught:
         Deployment(text, source="k.toml")
-    assert caught.value.errors[0].startswith('k.toml: "\\ud83d\\ude00": unknown key')
+    assert caught.value.errors[0].startswith('k.toml:1: "\\ud83d\\ude00": unknown key')
     assert caught.value.errors[1].startswith("k.toml:2: \"a.b\": unknown key 'a.b'.")

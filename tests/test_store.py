@@ -1,8 +1,9 @@
-"""The SQLite state store: what can be stored, round trips, and files that are not ours."""
+"""The SQLite state store: round trips, files that are not ours, locked files, and the async store
+that keeps SQLite off the event loop."""
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import os
 import sqlite3
 import threading
@@ -12,21 +13,12 @@ from typing import Any
 import pytest
 from _sample_backends import Greeter, shout
 
-from aioserve import BackendConfig, ServeError
-from aioserve.store import (
-    APPLICATION_ID,
-    SCHEMA_VERSION,
-    BackendRecord,
-    EndpointRecord,
-    Snapshot,
-    StateStore,
-    StoreError,
-    check_storable,
-    target_spec,
-)
+from aioserve import ServeError, StoreError
+from aioserve.state import BackendRecord, ControlState, EndpointRecord
+from aioserve.store import APPLICATION_ID, SCHEMA_VERSION, AsyncStateStore, StateStore
 
 
-def _snapshot() -> Snapshot:
+def _snapshot() -> ControlState:
     greeter = BackendRecord.of(
         "greeter",
         Greeter,
@@ -34,7 +26,7 @@ def _snapshot() -> Snapshot:
         {"num_replicas": 2, "user_config": {"punctuation": "!", "sizes": [1, 2.5, None]}},
     )
     shouter = BackendRecord.of("shout", "_sample_backends:shout")
-    return Snapshot(
+    return ControlState(
         backends={"greeter": greeter, "shout": shouter},
         endpoints={
             "greet": EndpointRecord(
@@ -49,133 +41,6 @@ def _snapshot() -> Snapshot:
 def store(tmp_path: Path) -> Any:
     with StateStore(tmp_path / "state.db") as s:
         yield s
-
-
-# -- target_spec ----------------------------------------------------------------------------------
-
-
-def test_target_spec_of_module_level_classes_functions_and_import_strings() -> None:
-    assert target_spec(Greeter) == "_sample_backends:Greeter"
-    assert target_spec(shout) == "_sample_backends:shout"
-    assert target_spec(BackendConfig) == "aioserve.config:BackendConfig"
-    # An import string is kept as given once it imports, in either spelling.
-    assert target_spec("_sample_backends:Greeter") == "_sample_backends:Greeter"
-    assert target_spec("_sample_backends.shout") == "_sample_backends.shout"
-
-
-class _Outer:
-    class Inner:
-        """A nested class is importable by its qualified name."""
-
-    def method(self) -> None:
-        """Bound, it is not the object its qualified name imports."""
-
-
-def test_target_spec_of_a_nested_class_uses_its_qualified_name() -> None:
-    assert target_spec(_Outer.Inner) == f"{__name__}:_Outer.Inner"
-
-
-@pytest.mark.parametrize(
-    ("target", "needle"),
-    [
-        (lambda request: "hi", "a lambda has no name"),
-        (Greeter(), "instance of Greeter"),
-        (functools.partial(shout, "x"), "instance of partial"),
-        (_Outer().method, "imports a different object"),
-        ("_sample_backends:Nope", "has no attribute"),
-        ("no_such_module_xyz:thing", "Cannot import module"),
-    ],
-    ids=["lambda", "instance", "partial", "bound-method", "missing-attr", "missing-module"],
-)
-def test_target_spec_rejects_what_cannot_be_imported_again(target: object, needle: str) -> None:
-    with pytest.raises(StoreError, match="cannot be stored") as info:
-        target_spec(target)
-    assert needle in str(info.value)
-
-
-def test_target_spec_rejects_nested_functions() -> None:
-    def nested(request: object) -> str:
-        return "hi"
-
-    with pytest.raises(StoreError, match="defined inside a function") as info:
-        target_spec(nested)
-    assert "top level of a module" in str(info.value)
-
-
-def test_target_spec_rejects_main_module_objects() -> None:
-    def fake() -> None: ...
-
-    fake.__module__ = "__main__"
-    fake.__qualname__ = "fake"
-    with pytest.raises(StoreError, match="__main__") as info:
-        target_spec(fake)
-    assert "Move it into a module" in str(info.value)
-
-
-def test_target_spec_rejects_a_rebound_name() -> None:
-    def shout() -> None: ...
-
-    shout.__module__ = "_sample_backends"
-    shout.__qualname__ = "shout"
-    with pytest.raises(StoreError, match="imports a different object"):
-        target_spec(shout)
-
-
-def test_store_errors_are_serve_and_value_errors() -> None:
-    assert issubclass(StoreError, ServeError)
-    assert issubclass(StoreError, ValueError)
-
-
-# -- check_storable -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "value",
-    [None, True, 3, 2.5, "text", [], {}, [1, "a", None, {"k": [1.5, False]}], {"a": {"b": []}}],
-)
-def test_check_storable_accepts_json_values(value: object) -> None:
-    check_storable(value, "The user_config")
-
-
-@pytest.mark.parametrize(
-    ("value", "needle"),
-    [
-        ((1, 2), "the value is the tuple (1, 2)"),
-        ([1, (2,)], "the value at [1] is the tuple (2,)"),
-        ({"a": {1: "x"}}, "the value at ['a'] is a dict with the non-str key 1"),
-        ({"a": {1, 2}}, "the value at ['a'] is {1, 2} of type set"),
-        ([object], "the value at [0] is <class 'object'> of type type"),
-        ([b"raw"], "the value at [0] is b'raw' of type bytes"),
-    ],
-)
-def test_check_storable_names_what_and_where(value: object, needle: str) -> None:
-    with pytest.raises(StoreError) as info:
-        check_storable(value, "The init args of backend 'm'")
-    message = str(info.value)
-    assert message.startswith("The init args of backend 'm' cannot be stored: ")
-    assert needle in message
-    assert "a tuple would come back as a list" in message
-
-
-def test_backend_record_checks_target_init_args_and_user_config() -> None:
-    with pytest.raises(StoreError, match=r"Backend 'b' cannot be persisted.*lambda"):
-        BackendRecord.of("b", lambda r: r)
-    with pytest.raises(StoreError, match="init args of backend 'b'"):
-        BackendRecord.of("b", Greeter, [("a", "tuple")])
-    with pytest.raises(StoreError, match="user_config of backend 'b'"):
-        BackendRecord.of("b", Greeter, [], {"user_config": {"when": object()}})
-    record = BackendRecord.of("b", Greeter, ("hi",), BackendConfig(num_replicas=3))
-    assert record.init_args == ["hi"]
-    assert record.config["num_replicas"] == 3
-    assert record.config["max_concurrent_queries"] is None  # stored unresolved
-    assert BackendConfig.coerce(record.config) == BackendConfig(num_replicas=3)
-
-
-def test_endpoint_record_from_list_endpoints_info() -> None:
-    info = {"route": None, "methods": ["GET"], "traffic": {"a": 1.0}, "shadows": {"b": 0.5}}
-    assert EndpointRecord.from_info("e", info) == EndpointRecord(
-        "e", None, ["GET"], {"a": 1.0}, {"b": 0.5}
-    )
 
 
 # -- the file -------------------------------------------------------------------------------------
@@ -201,11 +66,11 @@ def test_a_fresh_path_loads_none_then_round_trips(store: StateStore) -> None:
 
 def test_save_replaces_the_previous_snapshot(store: StateStore) -> None:
     store.save(_snapshot())
-    smaller = Snapshot(backends={"shout": BackendRecord.of("shout", shout)})
+    smaller = ControlState(backends={"shout": BackendRecord.of("shout", shout)})
     store.save(smaller)
     assert store.load() == smaller
-    store.save(Snapshot())
-    assert store.load() == Snapshot()
+    store.save(ControlState())
+    assert store.load() == ControlState()
 
 
 def test_two_stores_on_one_path_see_each_others_saves(tmp_path: Path) -> None:
@@ -213,12 +78,14 @@ def test_two_stores_on_one_path_see_each_others_saves(tmp_path: Path) -> None:
     with StateStore(path) as first, StateStore(path) as second:
         first.save(_snapshot())
         assert second.load() == _snapshot()
-        second.save(Snapshot())
-        assert first.load() == Snapshot()
+        second.save(ControlState())
+        assert first.load() == ControlState()
 
 
 def test_saves_from_threads_are_atomic(store: StateStore) -> None:
-    snapshots = [Snapshot(backends={f"b{i}": BackendRecord.of(f"b{i}", shout)}) for i in range(8)]
+    snapshots = [
+        ControlState(backends={f"b{i}": BackendRecord.of(f"b{i}", shout)}) for i in range(8)
+    ]
     threads = [threading.Thread(target=store.save, args=(s,)) for s in snapshots]
     for t in threads:
         t.start()
@@ -312,3 +179,148 @@ def test_a_closed_store_says_so(tmp_path: Path) -> None:
     assert "closed" in repr(s)
     with pytest.raises(StoreError, match="is closed"):
         s.load()
+
+
+def test_a_file_locked_past_the_busy_timeout_is_a_clear_error(
+    tmp_path: Path, sqlite_lock: Any
+) -> None:
+    path = tmp_path / "locked.db"
+    with StateStore(path, busy_timeout_s=0) as s:
+        s.save(_snapshot())
+        with sqlite_lock(path):
+            for call in (s.load, lambda: s.save(ControlState())):
+                with pytest.raises(StoreError) as info:
+                    call()
+                message = str(info.value)
+                assert "stayed locked by another connection" in message
+                assert "busy timeout of 0 s" in message
+                assert "corrupt" not in message
+        assert s.load() == _snapshot()  # nothing was written
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(-1, "must be a number >= 0, got -1"), ("5", "must be a number, got '5'")]
+)
+def test_the_busy_timeout_is_checked(tmp_path: Path, value: Any, error: str) -> None:
+    with pytest.raises(ServeError, match=error):
+        StateStore(tmp_path / "x.db", busy_timeout_s=value)
+    with pytest.raises(ServeError, match=error):
+        AsyncStateStore(tmp_path / "x.db", busy_timeout_s=value)
+
+
+# -- the async store ------------------------------------------------------------------------------
+
+
+async def test_the_async_store_round_trips_and_closes(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    async with AsyncStateStore(path) as store:
+        assert store.path == path
+        assert store.busy_timeout_s == 10.0
+        assert await store.load() is None
+        assert not path.exists()
+        await store.save(_snapshot())
+        assert await store.load() == _snapshot()
+        with StateStore(path) as sync:
+            assert sync.load() == _snapshot()  # the same file, the same format
+    assert repr(store) == f"<AsyncStateStore {str(path)!r} closed>"
+    await store.aclose()  # idempotent
+    with pytest.raises(StoreError, match="is closed"):
+        await store.load()
+    # A store never used closes without touching anything.
+    await AsyncStateStore(tmp_path / "unused.db").aclose()
+    assert not (tmp_path / "unused.db").exists()
+
+
+async def test_the_async_store_refuses_a_foreign_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("my precious notes\n")
+    async with AsyncStateStore(path) as store:
+        with pytest.raises(StoreError, match="not an SQLite database"):
+            await store.load()
+        with pytest.raises(StoreError, match="not an SQLite database"):
+            await store.save(_snapshot())
+    assert path.read_text() == "my precious notes\n"
+
+
+async def test_a_state_that_cannot_be_stored_is_refused_before_the_thread(tmp_path: Path) -> None:
+    async with AsyncStateStore(tmp_path / "state.db") as store:
+        nested = ControlState({"n": BackendRecord("n", lambda r: r)})
+        with pytest.raises(StoreError, match="a lambda has no name"):
+            await store.save(nested)
+        unencodable = ControlState({"b": BackendRecord("b", "_sample_backends:shout", [{1j}])})
+        with pytest.raises(StoreError, match="cannot be stored"):
+            await store.save(unencodable)
+        assert await store.load() is None
+
+
+async def test_concurrent_saves_end_with_the_last_state(tmp_path: Path) -> None:
+    states = [ControlState(backends={f"b{i}": BackendRecord.of(f"b{i}", shout)}) for i in range(8)]
+    async with AsyncStateStore(tmp_path / "state.db") as store:
+        await asyncio.gather(*(store.save(s) for s in states))
+        assert await store.load() == states[-1]
+
+
+async def test_a_save_writes_the_state_as_it_was_when_the_save_started(
+    tmp_path: Path, sqlite_lock: Any
+) -> None:
+    path = tmp_path / "state.db"
+    async with AsyncStateStore(path, busy_timeout_s=30) as store:
+        await store.save(ControlState())
+        state = _snapshot()
+        with sqlite_lock(path):
+            saving = asyncio.ensure_future(store.save(state))
+            with pytest.raises(TimeoutError):  # the save has started, and waits for the lock
+                await asyncio.wait_for(asyncio.shield(saving), 0.2)
+            state.backends.clear()  # a change made meanwhile is not part of this save
+        await saving
+        assert await store.load() == _snapshot()
+
+
+async def test_a_locked_file_stalls_the_save_not_the_loop(tmp_path: Path, sqlite_lock: Any) -> None:
+    path = tmp_path / "state.db"
+    loop = asyncio.get_running_loop()
+    async with AsyncStateStore(path, busy_timeout_s=30) as store:
+        await store.save(ControlState())
+        with sqlite_lock(path):
+            save = asyncio.ensure_future(store.save(_snapshot()))
+            started = loop.time()
+            # Run on SQLite's thread, the save waits for the lock while the loop runs on: this
+            # wait ends by its own timeout. A save on the loop would block it for 30 s instead.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(save), 0.2)
+            assert loop.time() - started < 5
+            assert not save.done()
+        await save  # the lock is gone: the save goes through
+        assert await store.load() == _snapshot()
+
+
+async def test_a_save_past_the_busy_timeout_raises_and_the_next_one_catches_up(
+    tmp_path: Path, sqlite_lock: Any
+) -> None:
+    path = tmp_path / "state.db"
+    async with AsyncStateStore(path, busy_timeout_s=0.05) as store:
+        await store.save(ControlState())
+        with (
+            sqlite_lock(path),
+            pytest.raises(StoreError, match="stayed locked by another connection"),
+        ):
+            await store.save(_snapshot())
+        assert await store.load() == ControlState()  # the failed save changed nothing
+        bigger = _snapshot()
+        bigger.endpoints["more"] = EndpointRecord("more")
+        await store.save(bigger)
+        assert await store.load() == bigger
+
+
+async def test_aclose_waits_for_a_save_under_way(tmp_path: Path, sqlite_lock: Any) -> None:
+    path = tmp_path / "state.db"
+    store = AsyncStateStore(path, busy_timeout_s=30)
+    await store.save(ControlState())
+    with sqlite_lock(path):
+        save = asyncio.ensure_future(store.save(_snapshot()))
+        closing = asyncio.ensure_future(store.aclose())
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(closing), 0.2)
+    await asyncio.gather(save, closing)
+    with StateStore(path) as sync:
+        assert sync.load() == _snapshot()
