@@ -28,6 +28,7 @@ from .exceptions import (
     ConfigTypeError,
     ServeError,
     ServeShutdown,
+    StoreError,
 )
 from .handle import ServeHandle
 from .http import HTTPApp
@@ -37,7 +38,8 @@ from .policy import validate_traffic as _validate_traffic
 from .router import Endpoint, Router, check_route
 from .runners import InProcessRunner
 from .servers import UvicornServer, bind
-from .store import BackendRecord, EndpointRecord, Snapshot, StateStore, check_storable
+from .state import BackendRecord, ControlState, check_storable
+from .store import AsyncStateStore
 
 __all__ = ["Serve"]
 
@@ -99,7 +101,7 @@ class Serve:
         self._server: UvicornServer | None = None
         self._closed: asyncio.Future[None] | None = None
         # Persistence: the records of what was created, checkpointed after every change.
-        self._store = StateStore(kv_store_path) if kv_store_path is not None else None
+        self._store = AsyncStateStore(kv_store_path) if kv_store_path is not None else None
         self._records: dict[str, BackendRecord] = {}
         self._restoring = False
 
@@ -157,7 +159,13 @@ class Serve:
         if self.state is not Lifecycle.STARTING:
             raise ServeShutdown("This aioserve instance has been shut down; make a new one.")
         # A corrupt or foreign state file fails here, before anything binds or starts.
-        snapshot = self._store.load() if self._store is not None else None
+        snapshot = None
+        if self._store is not None:
+            try:
+                snapshot = await self._store.load()
+            except BaseException:
+                await self._store.aclose()
+                raise
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         install_log_context()
@@ -172,20 +180,11 @@ class Serve:
                 await self.aclose()
                 raise
 
-    async def _restore(self, snapshot: Snapshot) -> None:
+    async def _restore(self, snapshot: ControlState) -> None:
         """Recreate the checkpointed backends and endpoints (without re-saving each step)."""
         self._restoring = True
         try:
-            for record in snapshot.backends.values():
-                await self.create_backend(
-                    record.tag, record.target, *record.init_args, config=record.config
-                )
-            for ep in snapshot.endpoints.values():
-                await self.create_endpoint(ep.name, route=ep.route, methods=ep.methods)
-                if ep.traffic:
-                    await self.set_traffic(ep.name, ep.traffic)
-                for tag, proportion in ep.shadows.items():
-                    await self.shadow_traffic(ep.name, tag, proportion)
+            await snapshot.apply(self)
         finally:
             self._restoring = False
         logger.info(
@@ -194,15 +193,21 @@ class Serve:
             len(snapshot.endpoints),
         )
 
-    def _checkpoint(self) -> None:
-        """Save the control state (called under the lock after every successful change)."""
+    async def _checkpoint(self) -> None:
+        """Save the control state (under the lock, after every successful change), on the
+        store's own thread: a slow or locked file delays this control call, never a request.
+
+        A failed save raises :class:`StoreError` (logged); the change stays in force, and the
+        next successful save writes the whole state again.
+        """
         if self._store is None or self._restoring:
             return
-        endpoints = {
-            name: EndpointRecord.from_info(name, info)
-            for name, info in self.list_endpoints().items()
-        }
-        self._store.save(Snapshot(dict(self._records), endpoints))
+        state = ControlState.capture(self._records.values(), self.list_endpoints())
+        try:
+            await self._store.save(state)
+        except StoreError:
+            logger.exception("The control state could not be saved; the change stays in force.")
+            raise
 
     async def _start_server(self) -> None:
         opts = self.http_options
@@ -235,7 +240,7 @@ class Serve:
             await self._http.aclose()
             await self._background.aclose()
             if self._store is not None:
-                self._store.close()
+                await self._store.aclose()
         finally:
             self._router.state = Lifecycle.STOPPED
             self._closed.set_result(None)
@@ -280,28 +285,22 @@ class Serve:
         *init_args: Any,
         config: BackendConfig | Mapping[str, Any] | None = None,
         ray_actor_options: Mapping[str, Any] | None = None,
-        backend_config: BackendConfig | Mapping[str, Any] | None = None,
     ) -> None:
         """Create a backend from a function, a class (with ``init_args``) or an import path.
 
-        The 0.8 order ``create_backend(func, "tag", *init_args)`` is accepted too.
         ``ray_actor_options`` is accepted for compatibility and has no effect in one process.
         """
-        if not isinstance(backend_tag, str) and isinstance(func_or_class, str):
-            backend_tag, func_or_class = func_or_class, backend_tag
         if not isinstance(backend_tag, str) or not backend_tag:
             raise ConfigTypeError(f"backend_tag must be a non-empty str, got {backend_tag!r}.")
         if func_or_class is None:
             raise ConfigTypeError(
                 f"create_backend({backend_tag!r}) needs a function, a class or an import path."
             )
-        if config is not None and backend_config is not None:
-            raise ConfigError("Pass either config or backend_config, not both.")
         if ray_actor_options is not None and not isinstance(ray_actor_options, Mapping):
             raise ConfigTypeError(
                 f"ray_actor_options must be a dict, got {type(ray_actor_options).__name__}."
             )
-        cfg = BackendConfig.coerce(config if config is not None else backend_config)
+        cfg = BackendConfig.coerce(config)
         target = func_or_class
         if isinstance(target, str):
             # Importing runs the user's module code: never on the event loop.
@@ -330,7 +329,7 @@ class Serve:
             self._backends[backend_tag] = backend
             if record is not None:
                 self._records[backend_tag] = record
-                self._checkpoint()
+                await self._checkpoint()
 
     def _new_runner(self, backend_tag: str, user_callable: UserCallable) -> InProcessRunner:
         return InProcessRunner(backend_tag, user_callable, instance=self)
@@ -375,7 +374,7 @@ class Serve:
             await backend.update(new, reconfigure=reconfigure)
             if record is not None:
                 record.config = new.to_dict()
-                self._checkpoint()
+                await self._checkpoint()
 
     set_backend_config = update_backend_config
 
@@ -395,7 +394,7 @@ class Serve:
                 )
             del self._backends[backend_tag]
             self._records.pop(backend_tag, None)
-            self._checkpoint()
+            await self._checkpoint()
         # The drain belongs to the instance: a caller that stops waiting does not stop it.
         await asyncio.shield(self._deletions.spawn(backend.aclose(force=force)))
 
@@ -409,15 +408,10 @@ class Serve:
         route: Any = None,
         methods: Iterable[str] | str = ("GET",),
     ) -> None:
-        """Create an endpoint; with ``backend`` it gets all traffic, with ``route`` it is on HTTP.
-
-        The legacy form ``create_endpoint(name, "/route")`` (a second argument starting with "/")
-        sets the route.
-        """
+        """Create an endpoint: with ``backend`` it gets all traffic, with ``route`` it is served
+        over HTTP."""
         if not isinstance(endpoint_name, str) or not endpoint_name:
             raise ConfigTypeError(f"endpoint_name must be a non-empty str, got {endpoint_name!r}.")
-        if isinstance(backend, str) and backend.startswith("/") and route is None:
-            backend, route = None, backend
         if backend is not None and not isinstance(backend, str):
             raise ConfigTypeError(
                 f"backend must be a backend tag (str) or None, got {type(backend).__name__}."
@@ -435,7 +429,7 @@ class Serve:
             if backend is not None:
                 self._router.set_traffic(endpoint, {backend: 1.0})
             self._router.add_endpoint(endpoint)
-            self._checkpoint()
+            await self._checkpoint()
 
     def list_endpoints(self) -> dict[str, dict[str, Any]]:
         """``{name: {"route", "methods", "traffic", "shadows"}}``."""
@@ -446,7 +440,7 @@ class Serve:
         async with self._lock:
             self._check_running()
             if self._router.remove_endpoint(endpoint) is not None:
-                self._checkpoint()
+                await self._checkpoint()
 
     def _endpoint(self, name: str) -> Endpoint:
         endpoint = self._router.endpoints.get(name)
@@ -461,7 +455,7 @@ class Serve:
             endpoint = self._endpoint(endpoint_name)
             traffic = _validate_traffic(traffic_policy_dictionary, self._backends)
             self._router.set_traffic(endpoint, traffic)
-            self._checkpoint()
+            await self._checkpoint()
 
     split = set_traffic
 
@@ -483,7 +477,7 @@ class Serve:
                 shadows[backend_tag] = value
             # Replace, never mutate: the request path iterates the dict without a lock.
             endpoint.shadows = shadows
-            self._checkpoint()
+            await self._checkpoint()
 
     # -- metrics --------------------------------------------------------------------------------
 

@@ -31,12 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .exceptions import ConfigError, ConfigTypeError, StoreError
-from .state import BackendRecord as BackendRecord
-from .state import ControlState, target_spec
-from .state import EndpointRecord as EndpointRecord
-
-# serve.py imports these three (and Snapshot) from here until it uses aioserve.state directly.
-from .state import check_storable as check_storable
+from .state import BackendRecord, ControlState, EndpointRecord, target_spec
 
 __all__ = [
     "APPLICATION_ID",
@@ -46,9 +41,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-
-#: The name serve.py still uses for :class:`~aioserve.state.ControlState`.
-Snapshot = ControlState
 
 #: ``PRAGMA application_id`` of an aioserve state file: the bytes "aios".
 APPLICATION_ID = 0x61696F73
