@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -599,8 +600,15 @@ def test_interpreter_exit_with_queued_sync_calls_is_prompt(tmp_path: Path) -> No
     script = tmp_path / "queued_at_exit.py"
     script.write_text(textwrap.dedent(EXIT_SCRIPT))
     started = time.monotonic()
+    # The child imports the aioserve these tests import, wherever it was installed from.
+    env = {**os.environ, "PYTHONPATH": str(Path(aioserve.__file__).parent.parent)}
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, check=False
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        check=False,
+        env=env,
     )
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
