@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import prometheus_client
 import pytest
-from _sample_backends import Gate
+from _sample_backends import Gate, until_queued
 from prometheus_client.parser import text_string_to_metric_families
 
 import aioserve
@@ -71,13 +71,6 @@ async def scrape(client: httpx.AsyncClient, base: str = "") -> Scrape:
     assert content_type.startswith("text/plain")
     assert "version=0.0.4" in content_type  # the Prometheus text exposition format
     return Scrape(response.text)
-
-
-async def settle() -> None:
-    """Let the loop run every ready callback a few times over, so calls just started with
-    ``handle.remote`` reach the point where they wait (a count of loop turns, not a clock)."""
-    for _ in range(50):
-        await asyncio.sleep(0)
 
 
 def labels_of(scraped: Scrape, name: str, key: str) -> set[str]:
@@ -184,7 +177,7 @@ async def test_errors_total_counts_handler_exceptions_overloads_and_deadlines(
     first = asyncio.ensure_future(http.get("/held"))
     await gate.until_inside(1)
     second = serve.get_handle("held").remote()  # waits: the one slot is taken
-    await settle()
+    await until_queued(serve, "held", 1)
     assert serve.stat(agg_windows_seconds=[10])["backends"]["held"]["queue_depth"] == 1
     overloaded = await http.get("/held")  # the queue is full: fails fast
     assert overloaded.status_code == 503
@@ -271,7 +264,7 @@ async def test_queue_wait_is_observed_only_for_requests_that_waited(
     holder = handle.remote("hold")
     await gate.until_inside(1)
     waiters = [handle.remote(i) for i in range(2)]  # the only slot is taken: both wait
-    await settle()
+    await until_queued(serve, "q", 2)
     gate.release.set()
     assert await asyncio.wait_for(holder, WAIT_S) == "hold"
     assert await asyncio.wait_for(asyncio.gather(*waiters), WAIT_S) == [0, 1]
@@ -327,7 +320,7 @@ async def test_queue_depth_and_in_flight_while_a_replica_is_held(
     running = handle.remote("first")
     await gate.until_inside(1)
     waiting = [handle.remote(i) for i in range(3)]
-    await settle()
+    await until_queued(serve, "held", 3)
 
     scraped = await scrape(http)
     assert scraped.value("aioserve_queue_depth", backend="held") == 3
