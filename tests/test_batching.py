@@ -464,10 +464,15 @@ async def test_shortening_the_timeout_releases_a_waiting_batch() -> None:
     async with BatchQueue(rec, max_batch_size=5, batch_wait_timeout_s=LONG) as queue:
         (waiting,) = spawn(queue, 1)
         await wait_until(lambda: queue.queued == 1, "the item queued")
+        # A later item finds the first still waiting: it did not go out alone.
+        waiting_too = spawn(queue, 2)
+        await wait_until(lambda: queue.queued == 2, "both items queued")
         assert not waiting.done()
         queue.configure(batch_wait_timeout_s=0)
         async with asyncio.timeout(5):
             assert await waiting == 10
+            assert await asyncio.gather(*waiting_too) == [20]
+    assert rec.batches == [[1, 2]]
 
 
 async def test_raising_max_concurrent_batches_starts_another_batch_at_once() -> None:

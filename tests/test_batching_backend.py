@@ -562,11 +562,15 @@ async def test_a_shorter_batch_wait_timeout_releases_a_waiting_batch(
     )
     (waiting,) = send(handle, "a")
     await until_queued(serve, "dev", 1)
+    # A later request finds the first still waiting: it did not go out alone.
+    (waiting_too,) = send(handle, "b")
+    await until_queued(serve, "dev", 2)
     assert not waiting.done()
     await serve.update_backend_config("dev", {"batch_wait_timeout": 0})
     async with asyncio.timeout(WAIT_S):
         assert await waiting == "done a"
-    assert device.batches == [["a"]]
+        assert await waiting_too == "done b"
+    assert device.batches == [["a", "b"]]
 
 
 # -- wrong results -----------------------------------------------------------------------------
