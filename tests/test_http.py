@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pydantic
 import pytest
-from _sample_backends import until_queued
+from _sample_backends import HANG_GUARD_S, until_queued
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -41,8 +41,6 @@ import aioserve
 from aioserve import Serve
 
 pytestmark = pytest.mark.usefixtures("no_loop_errors")
-
-HANG_GUARD_S = 10.0  # turns a hang (e.g. a buffered stream) into a failure; never reached when OK
 
 
 async def deploy(
