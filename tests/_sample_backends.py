@@ -1,10 +1,16 @@
-"""Module-level backends that tests reach by import path (``"_sample_backends:Greeter"``), and
-:class:`Gate`, a helper shared by test_backend.py and test_handle.py."""
+"""Module-level backends that tests reach by import path (``"_sample_backends:Greeter"``), and the
+helpers the test modules share: :class:`Gate`, :func:`gated`, :func:`wait_until` and
+:func:`until_queued`."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
+
+from aioserve import Serve
+
+HANG_GUARD_S = 10.0  # turns a hang into a failure; never reached when things work
 
 
 class Greeter:
@@ -52,17 +58,31 @@ class Gate:
             self.inside -= 1
         return item
 
-    async def until_inside(self, n: int, timeout_s: float = 10.0) -> None:
+    async def until_inside(self, n: int, timeout_s: float = HANG_GUARD_S) -> None:
         """Wait until ``n`` handlers are inside at once (fails after ``timeout_s``)."""
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(lambda: self.inside >= n), timeout_s)
 
 
-async def loop_turns(n: int = 5) -> None:
-    """Let the loop run every ready callback a few times: enough for spawned requests to reach
-    their replica or the queue. Not a guess at timing: nothing here waits on a clock."""
-    for _ in range(n):
-        await asyncio.sleep(0)
+async def wait_until(
+    predicate: Callable[[], bool], what: str, timeout_s: float = HANG_GUARD_S
+) -> None:
+    """Wait until ``predicate()`` holds, checking it again each time the loop has run what was
+    ready. ``timeout_s`` only turns a hang into a failure that names ``what``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0)  # let the loop run; no guess at a duration
+
+
+async def until_queued(serve: Serve, backend_tag: str, n: int) -> None:
+    """Wait until ``n`` requests wait in ``backend_tag``'s queue (for a replica or a batch)."""
+    await wait_until(
+        lambda: serve.backend_statistics(backend_tag).num_queued == n,
+        f"{n} request(s) queued at backend {backend_tag!r}",
+    )
 
 
 def gated(gate: Gate) -> Any:

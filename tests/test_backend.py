@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _sample_backends import Gate, loop_turns
+from _sample_backends import Gate, until_queued, wait_until
 
 import aioserve
 from aioserve import (
@@ -301,7 +301,7 @@ async def test_async_replica_runs_up_to_max_concurrent_queries(serve: Serve, gat
     handle = await deploy(serve, "x", gated(gate), config={"max_concurrent_queries": 3})
     refs = [handle.remote(i) for i in range(7)]
     await gate.until_inside(3)
-    await loop_turns()
+    await until_queued(serve, "x", 4)  # every request has reached the backend
     assert gate.inside == 3
     assert not any(ref.done() for ref in refs)
     gate.release.set()
@@ -334,7 +334,7 @@ async def test_bounded_queue_rejects_fast_and_admitted_ones_complete(
     running = handle.remote("running")
     await gate.until_inside(1)
     queued = [handle.remote("q1"), handle.remote("q2")]
-    await loop_turns()
+    await until_queued(serve, "x", 2)
     with pytest.raises(Overloaded) as info:
         # Raises at once; the wait_for only turns a hang into a clear failure.
         await asyncio.wait_for(handle.remote("rejected"), 5)
@@ -479,7 +479,7 @@ async def test_update_max_concurrent_queries_takes_effect(serve: Serve, gate: Ga
     handle = await deploy(serve, "x", gated(gate), config={"max_concurrent_queries": 1})
     refs = [handle.remote(i) for i in range(3)]
     await gate.until_inside(1)
-    await loop_turns()
+    await until_queued(serve, "x", 2)
     assert gate.inside == 1
     await serve.update_backend_config("x", {"max_concurrent_queries": 3})
     assert serve.list_backends()["x"]["max_concurrent_queries"] == 3
@@ -581,10 +581,10 @@ async def test_graceful_delete_finishes_in_flight_and_queued(serve: Serve, gate:
     running = handle.remote("running")
     await gate.until_inside(1)
     queued = handle.remote("queued")
-    await loop_turns()
+    await until_queued(serve, "x", 1)
     await serve.delete_endpoint("x")
     deleting = asyncio.create_task(serve.delete_backend("x"))
-    await loop_turns()
+    await wait_until(lambda: "x" not in serve.list_backends(), "the deletion has begun")
     assert not deleting.done()  # draining: waits for the work it has
     assert "x" not in serve.list_backends()
     gate.release.set()
@@ -599,7 +599,7 @@ async def test_force_delete_cancels_in_flight_async_request(serve: Serve, gate: 
     running = handle.remote("running")
     await gate.until_inside(1)
     queued = handle.remote("queued")
-    await loop_turns()
+    await until_queued(serve, "x", 1)
     await serve.delete_endpoint("x")
     await asyncio.wait_for(serve.delete_backend("x", force=True), 5)
     with pytest.raises(ReplicaStopped):
@@ -779,7 +779,7 @@ async def test_graceful_delete_cancels_stragglers_after_the_timeout(
     running = handle.remote("running")
     await gate.until_inside(1)
     queued = handle.remote("queued")
-    await loop_turns()
+    await until_queued(serve, "x", 1)
     await serve.delete_endpoint("x")
     # Returns once the 0.05 s drain has passed (the wait_for only turns a hang into a failure).
     await asyncio.wait_for(serve.delete_backend("x"), 10)
@@ -795,7 +795,7 @@ async def test_update_num_replicas_up_serves_the_waiting_requests(serve: Serve, 
     handle = await deploy(serve, "x", gated(gate), config={"max_concurrent_queries": 1})
     refs = [handle.remote(i) for i in range(3)]
     await gate.until_inside(1)
-    await loop_turns()
+    await until_queued(serve, "x", 2)
     assert gate.inside == 1
     await serve.update_backend_config("x", {"num_replicas": 3})
     await gate.until_inside(3)  # the two waiting requests went to the new replicas

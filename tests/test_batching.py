@@ -1,8 +1,8 @@
 """Tests for aioserve.batching: BatchQueue, @batch and @accept_batch.
 
-Tests synchronise on events, futures and the queue's own state. Where a test must show that
-something does NOT happen, it lets the loop turn a bounded number of times (`settle`) instead of
-sleeping; the few real waits on the clock say why.
+Tests synchronise on events, futures and the queue's own state (``queued``, ``running``). Where a
+test must show that something does NOT happen, it first waits for the state that shows the queue
+got as far as it would (the items are queued, say); the few real waits on the clock say why.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _sample_backends import wait_until
 
 from aioserve.batching import (
     BatchQueue,
@@ -71,24 +72,6 @@ class Recorder:
         return [self.fn(item) for item in items]
 
 
-async def turns_until(predicate: Callable[[], bool], max_turns: int = 50) -> None:
-    """Let the loop turn until ``predicate()`` holds; fail if that takes more than ``max_turns``.
-
-    Loop turns, not time: a predicate that needs a timer to fire will not become true here.
-    """
-    for _ in range(max_turns):
-        if predicate():
-            return
-        await asyncio.sleep(0)  # one loop turn: ready tasks and callbacks run
-    raise AssertionError(f"condition not reached within {max_turns} loop turns")
-
-
-async def settle(turns: int = 20) -> None:
-    """Let the loop turn a few times, so a wrong implementation would have acted by now."""
-    for _ in range(turns):
-        await asyncio.sleep(0)  # a loop turn, not a guess at a duration
-
-
 def spawn(queue: BatchQueue[Any, Any], *items: Any) -> list[asyncio.Task[Any]]:
     return [asyncio.create_task(queue.submit(item)) for item in items]
 
@@ -102,8 +85,7 @@ async def test_full_batch_goes_out_at_once_and_the_rest_waits_for_a_partner() ->
         first, second, third = spawn(queue, 0, 1, 2)
         async with asyncio.timeout(5):  # a full batch must not wait for the 10 s timeout
             assert list(await asyncio.gather(first, second)) == [0, 10]
-        await turns_until(lambda: queue.running == 0)
-        await settle()
+        await wait_until(lambda: queue.running == 0, "the first batch has finished")
         assert rec.batches == [[0, 1]]
         assert not third.done()
         assert queue.queued == 1
@@ -116,8 +98,7 @@ async def test_callers_wait_for_a_full_batch_with_a_long_timeout() -> None:
     rec = Recorder()
     async with BatchQueue(rec, max_batch_size=3, batch_wait_timeout_s=LONG) as queue:
         waiting = spawn(queue, 0, 1)
-        await turns_until(lambda: queue.queued == 2)
-        await settle()
+        await wait_until(lambda: queue.queued == 2, "both items queued")
         assert rec.batches == []
         assert not any(task.done() for task in waiting)
         async with asyncio.timeout(5):
@@ -150,7 +131,7 @@ async def test_items_queued_while_capacity_is_busy_go_out_together() -> None:
         tasks = spawn(queue, 0)
         await rec.wait_batches(1)
         tasks += spawn(queue, 1, 2, 3, 4, 5)
-        await turns_until(lambda: queue.queued == 5)
+        await wait_until(lambda: queue.queued == 5, "queue.queued == 5")
         assert rec.batches == [[0]]
         rec.release()
         assert await asyncio.gather(*tasks) == [0, 10, 20, 30, 40, 50]
@@ -160,18 +141,21 @@ async def test_items_queued_while_capacity_is_busy_go_out_together() -> None:
 async def test_wait_is_counted_from_the_oldest_item_not_from_when_capacity_frees() -> None:
     rec = Recorder()
     rec.hold()
+    loop = asyncio.get_running_loop()
     timeout = 0.2
     async with BatchQueue(rec, max_batch_size=3, batch_wait_timeout_s=timeout) as queue:
         tasks = spawn(queue, 0, 1, 2)
         await rec.wait_batches(1)
         tasks += spawn(queue, 3, 4)
-        await turns_until(lambda: queue.queued == 2)
+        await wait_until(lambda: queue.queued == 2, "both items queued")
         # A real wait: the clock must pass the queued items' batch timeout while capacity is held.
         await asyncio.sleep(timeout * 1.5)
         assert rec.batches == [[0, 1, 2]]
+        released = loop.time()
         rec.release()
-        # Within loop turns, without another timeout: their wait is already over.
-        await turns_until(lambda: len(rec.batches) == 2)
+        # Without another timeout: their wait is already over.
+        await wait_until(lambda: len(rec.batches) == 2, "the second batch went out")
+        assert loop.time() - released < timeout
         assert rec.batches == [[0, 1, 2], [3, 4]]
         assert await asyncio.gather(*tasks) == [0, 10, 20, 30, 40]
 
@@ -192,7 +176,7 @@ async def test_items_are_taken_earliest_deadline_first_ties_in_arrival_order() -
             asyncio.create_task(queue.submit(i, None if off is None else base + off))
             for i, off in enumerate(offsets)
         ]
-        await turns_until(lambda: queue.queued == 10)
+        await wait_until(lambda: queue.queued == 10, "queue.queued == 10")
         rec.release()
         await asyncio.gather(*first, *tasks)
     expected = sorted(range(10), key=lambda i: (offsets[i] is None, offsets[i] or 0, i))
@@ -236,9 +220,9 @@ async def test_a_deadline_that_passes_while_the_loop_is_blocked_is_never_dispatc
     loop = asyncio.get_running_loop()
     async with BatchQueue(dispatch, max_batch_size=1, batch_wait_timeout_s=0) as queue:
         slow = spawn(queue, "slow")
-        await turns_until(lambda: queue.running == 1)
+        await wait_until(lambda: queue.running == 1, "queue.running == 1")
         late = asyncio.create_task(queue.submit("late", deadline=loop.time() + 0.02))
-        await turns_until(lambda: queue.queued == 1)
+        await wait_until(lambda: queue.queued == 1, "queue.queued == 1")
         gate.set()
         assert await slow[0] == "slow"
         with pytest.raises(DeadlineExceeded):
@@ -264,7 +248,7 @@ async def test_a_waiting_item_fails_at_its_deadline(why: str) -> None:
         assert queue.queued == 0
         rec.release()
         await asyncio.gather(*held)
-        await settle()
+        await wait_until(lambda: (queue.running, queue.queued) == (0, 0), "the queue is idle")
     assert "late" not in rec.items
 
 
@@ -343,7 +327,7 @@ async def test_cancelling_a_queued_caller_removes_its_item() -> None:
         (first,) = spawn(queue, "first")
         await rec.wait_batches(1)
         gone, kept = spawn(queue, "gone", "kept")
-        await turns_until(lambda: queue.queued == 2)
+        await wait_until(lambda: queue.queued == 2, "queue.queued == 2")
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
@@ -363,7 +347,7 @@ async def test_many_cancellations_keep_the_count_exact_and_the_order() -> None:
         base = loop.time() + 1000
         # Later arrivals get earlier deadlines, so order shows the heap survives compaction.
         tasks = [asyncio.create_task(queue.submit(i, base - i)) for i in range(300)]
-        await turns_until(lambda: queue.queued == 300)
+        await wait_until(lambda: queue.queued == 300, "queue.queued == 300")
         gone = [task for i, task in enumerate(tasks) if i % 10]
         kept = [task for i, task in enumerate(tasks) if i % 10 == 0]
         for task in gone:
@@ -383,15 +367,17 @@ async def test_a_caller_cancelled_in_the_turn_its_batch_forms_is_not_dispatched(
         (first,) = spawn(queue, "first")
         await rec.wait_batches(1)
         (gone,) = spawn(queue, "gone")
-        await turns_until(lambda: queue.queued == 1)
+        await wait_until(lambda: queue.queued == 1, "queue.queued == 1")
         # The worker is woken first, so it forms a batch before the cancelled caller's task
         # runs its cleanup.
         queue.configure(max_concurrent_batches=2)
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
-        await settle()
+        # Whatever the worker formed for "gone" has ended: only the first batch runs.
+        await wait_until(lambda: queue.running == 1, "only the first batch running")
         assert queue.queued == 0
+        assert rec.batches == [["first"]]
         rec.release()
         assert await first == "first" * 10
     assert rec.batches == [["first"]]
@@ -414,7 +400,7 @@ async def test_cancelling_a_caller_after_dispatch_drops_its_result(outcome: str)
         else:
             with pytest.raises(ZeroDivisionError):
                 await kept
-        await turns_until(lambda: queue.running == 0)
+        await wait_until(lambda: queue.running == 0, "queue.running == 0")
     assert rec.batches == [[1, 2]]
 
 
@@ -426,14 +412,14 @@ async def test_overload_bound_rejects_at_once_and_names_the_queue() -> None:
         tasks = spawn(queue, 0)
         await rec.wait_batches(1)
         tasks += spawn(queue, 1, 2)
-        await turns_until(lambda: queue.queued == 2)
+        await wait_until(lambda: queue.queued == 2, "queue.queued == 2")
         with pytest.raises(Overloaded, match=r"'model'.*max_queued_queries=2"):
             await queue.submit(3)
         tasks[2].cancel()
         with pytest.raises(asyncio.CancelledError):
             await tasks[2]
         tasks[2] = asyncio.create_task(queue.submit(4))
-        await turns_until(lambda: queue.queued == 2)
+        await wait_until(lambda: queue.queued == 2, "queue.queued == 2")
         rec.release()
         assert await asyncio.gather(*tasks) == [0, 10, 40]
     assert rec.items == [0, 1, 4]
@@ -449,7 +435,7 @@ async def test_configure_applies_from_the_next_batch() -> None:
         tasks = spawn(queue, 0, 1)
         await rec.wait_batches(1)
         tasks += spawn(queue, 2, 3, 4)
-        await turns_until(lambda: queue.queued == 3)
+        await wait_until(lambda: queue.queued == 3, "queue.queued == 3")
         queue.configure(max_batch_size=3)
         assert queue.statistics().max_batch_size == 3
         rec.release()
@@ -477,12 +463,16 @@ async def test_shortening_the_timeout_releases_a_waiting_batch() -> None:
     rec = Recorder()
     async with BatchQueue(rec, max_batch_size=5, batch_wait_timeout_s=LONG) as queue:
         (waiting,) = spawn(queue, 1)
-        await turns_until(lambda: queue.queued == 1)
-        await settle()
+        await wait_until(lambda: queue.queued == 1, "the item queued")
+        # A later item finds the first still waiting: it did not go out alone.
+        waiting_too = spawn(queue, 2)
+        await wait_until(lambda: queue.queued == 2, "both items queued")
         assert not waiting.done()
         queue.configure(batch_wait_timeout_s=0)
         async with asyncio.timeout(5):
             assert await waiting == 10
+            assert await asyncio.gather(*waiting_too) == [20]
+    assert rec.batches == [[1, 2]]
 
 
 async def test_raising_max_concurrent_batches_starts_another_batch_at_once() -> None:
@@ -491,7 +481,7 @@ async def test_raising_max_concurrent_batches_starts_another_batch_at_once() -> 
     async with BatchQueue(rec, max_batch_size=1, batch_wait_timeout_s=0) as queue:
         tasks = spawn(queue, 0, 1)
         await rec.wait_batches(1)
-        await settle()
+        await wait_until(lambda: queue.queued == 1, "the second item queued")
         assert (queue.running, queue.queued) == (1, 1)
         queue.configure(max_concurrent_batches=2)
         await rec.wait_batches(2)
@@ -507,7 +497,7 @@ async def test_two_batches_run_at_once_with_max_concurrent_batches_two() -> None
     async with queue:
         tasks = spawn(queue, 0, 1, 2)
         await rec.wait_batches(2)
-        await settle()
+        await wait_until(lambda: queue.queued == 1, "the third item queued")
         assert rec.batches == [[0], [1]]
         assert (queue.running, queue.queued) == (2, 1)
         rec.release()
@@ -525,7 +515,7 @@ async def test_aclose_drains_queued_and_running_batches() -> None:
     tasks = spawn(queue, 0, 1)
     await rec.wait_batches(1)
     closer = asyncio.create_task(queue.aclose(drain_timeout_s=30))
-    await turns_until(lambda: queue.closed)
+    await wait_until(lambda: queue.closed, "queue.closed")
     with pytest.raises(ServeShutdown, match="'m'"):
         await queue.submit(2)
     rec.release()
@@ -539,7 +529,7 @@ async def test_aclose_flushes_a_partial_batch_instead_of_waiting_for_it_to_fill(
     rec = Recorder()
     queue = BatchQueue(rec, max_batch_size=5, batch_wait_timeout_s=LONG)
     tasks = spawn(queue, 0, 1)
-    await turns_until(lambda: queue.queued == 2)
+    await wait_until(lambda: queue.queued == 2, "queue.queued == 2")
     async with asyncio.timeout(5):
         await queue.aclose(drain_timeout_s=30)
         assert await asyncio.gather(*tasks) == [0, 10]
@@ -563,7 +553,7 @@ async def test_aclose_fails_what_is_left_after_the_drain_timeout(drain_timeout_s
     queue = BatchQueue(dispatch, max_batch_size=1, batch_wait_timeout_s=0)
     running, queued = spawn(queue, 0, 1)
     await started.wait()
-    await turns_until(lambda: queue.queued == 1)
+    await wait_until(lambda: queue.queued == 1, "queue.queued == 1")
     # With drain_timeout_s > 0 this waits that long for work that never finishes.
     await queue.aclose(drain_timeout_s=drain_timeout_s)
     assert cancelled.is_set()
@@ -596,7 +586,7 @@ async def test_an_idle_queue_owns_no_task_and_a_closed_queue_rejects() -> None:
     def queue_tasks() -> list[asyncio.Task[Any]]:
         return [t for t in asyncio.all_tasks() if "idle" in t.get_name()]
 
-    await turns_until(lambda: queue_tasks() == [])
+    await wait_until(lambda: queue_tasks() == [], "queue_tasks() == []")
     assert await queue.submit(2) == 20  # the worker starts again
     await queue.aclose()
     assert queue_tasks() == []
@@ -713,8 +703,15 @@ async def test_each_instance_has_its_own_queue() -> None:
             return xs
 
     a, b = Pair(), Pair()
-    first = [asyncio.create_task(a.add(1)), asyncio.create_task(b.add(2))]
-    await settle()
+    queues: list[BatchQueue[Any, Any]] = []
+    token = queue_owner.set(queues.append)  # the tasks below take this context with them
+    try:
+        first = [asyncio.create_task(a.add(1)), asyncio.create_task(b.add(2))]
+    finally:
+        queue_owner.reset(token)
+    await wait_until(
+        lambda: len(queues) == 2 and all(q.queued == 1 for q in queues), "one item in each queue"
+    )
     assert not any(task.done() for task in first)  # one item each: neither batch is full
     async with asyncio.timeout(5):
         assert await asyncio.gather(*first, a.add(3), b.add(4)) == [1, 2, 3, 4]

@@ -5,10 +5,11 @@ Both forms: the legacy ``@serve.accept_batch`` callable with ``max_batch_size`` 
 handles, over HTTP in process (ASGITransport) and over the real uvicorn server. The unit tests of
 the batch queue itself are in test_batching.py.
 
-Tests synchronise on the :class:`Device` (who is inside a batch, held at its gate) and on the
-:class:`Probe` (which HTTP requests entered the app). Where a test must show that something does
-NOT happen, it lets the loop turn a bounded number of times (`settle`); the few waits on the clock
-are about a batch wait timeout or a deadline and say so.
+Tests synchronise on the :class:`Device` (who is inside a batch, held at its gate), on the
+:class:`Probe` (which HTTP requests entered the app) and on ``Serve.backend_statistics`` (how many
+requests wait in the batch queue). Where a test must show that something does NOT happen, it
+first waits for the state that shows the requests got as far as they would (queued, say); the few
+waits on the clock are about a batch wait timeout or a deadline and say so.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _sample_backends import until_queued, wait_until
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,12 +41,6 @@ def label(item: Any) -> str:
     if isinstance(item, Request):
         return item.query_params["x"]
     return str(item)
-
-
-async def settle(turns: int = 20) -> None:
-    """Let the loop turn a few times, so a wrong implementation would have acted by now."""
-    for _ in range(turns):
-        await asyncio.sleep(0)  # a loop turn, not a guess at a duration
 
 
 class Signal:
@@ -123,11 +119,7 @@ class Probe(Signal):
 
 
 class ProbeMiddleware:
-    """Pure ASGI middleware reporting to a :class:`Probe`.
-
-    Between entering the app and reaching the batch queue a GET request only reads its (empty,
-    already received) body: a few loop turns after ``entered`` counts it, it is queued.
-    """
+    """Pure ASGI middleware reporting to a :class:`Probe`."""
 
     def __init__(self, app: ASGIApp, probe: Probe) -> None:
         self.app = app
@@ -235,11 +227,9 @@ def faulty(device: Device) -> Any:
     return handler
 
 
-async def queued(handle: ServeHandle, *items: str) -> list[asyncio.Future[Any]]:
+def send(handle: ServeHandle, *items: str) -> list[asyncio.Future[Any]]:
     """Send ``items`` through ``handle`` one after the other, as separate requests."""
-    futures = [handle.remote(item) for item in items]
-    await settle()  # the requests reach the batch queue: no clock involved
-    return futures
+    return [handle.remote(item) for item in items]
 
 
 # -- forming batches (legacy form) -------------------------------------------------------------
@@ -254,10 +244,10 @@ async def test_a_full_batch_goes_out_at_once_and_the_third_call_waits_for_a_part
         legacy_function(device),
         config={"max_batch_size": 2, "batch_wait_timeout": 10},
     )
-    first, second, third = await queued(handle, "a", "b", "c")
+    first, second, third = send(handle, "a", "b", "c")
     async with asyncio.timeout(WAIT_S):  # a full batch must not wait for the 10 s timeout
         assert await asyncio.gather(first, second) == ["done a", "done b"]
-    await settle()
+    await until_queued(serve, "dev", 1)
     assert device.batches == [["a", "b"]]
     assert not third.done()  # alone in a batch of 2, it waits for a partner or the timeout
     async with asyncio.timeout(WAIT_S):
@@ -277,7 +267,7 @@ async def test_a_partial_batch_goes_out_when_the_wait_timeout_passes(
     )
     loop = asyncio.get_running_loop()
     started = loop.time()
-    first, second, third = await queued(handle, "a", "b", "c")
+    first, second, third = send(handle, "a", "b", "c")
     assert await asyncio.gather(first, second) == ["done a", "done b"]
     assert not third.done()
     async with asyncio.timeout(WAIT_S):
@@ -293,7 +283,8 @@ async def test_size_three_with_a_long_timeout_keeps_two_calls_until_a_third(
     handle = await deploy(
         serve, "dev", legacy_class(device), config={"max_batch_size": 3, "batch_wait_timeout": LONG}
     )
-    waiting = await queued(handle, "a", "b")
+    waiting = send(handle, "a", "b")
+    await until_queued(serve, "dev", 2)
     assert device.batches == []
     assert not any(future.done() for future in waiting)
     async with asyncio.timeout(WAIT_S):
@@ -343,7 +334,8 @@ async def test_requests_that_arrive_while_the_replica_is_busy_form_one_batch(
     names = [f"r{i}" for i in range(10)]
     waiting = []
     for name in names:  # one at a time: a scheduler that cuts batches early has every chance
-        waiting += await queued(handle, name)
+        waiting += send(handle, name)
+        await until_queued(serve, "dev", len(waiting))
     assert len(device.batches) == 1  # nothing is cut into tiny batches while the replica is busy
     device.release()
     async with asyncio.timeout(WAIT_S):
@@ -364,8 +356,10 @@ async def test_several_replicas_each_take_a_batch(serve: Serve, device: Device) 
     assert sorted(map(len, device.batches)) == [2, 2]
     assert sorted(device.items) == ["a", "b", "c", "d"]
     assert len(set(device.replica_tags)) == 2  # one on each replica
-    later = await queued(handle, "e")
-    later += await queued(handle, "f")
+    later = send(handle, "e")
+    await until_queued(serve, "dev", 1)
+    later += send(handle, "f")
+    await until_queued(serve, "dev", 2)
     assert len(device.batches) == 2  # both replicas busy: "e" and "f" wait to go together
     device.release()
     async with asyncio.timeout(WAIT_S):
@@ -547,7 +541,8 @@ async def test_a_new_max_batch_size_applies_from_the_next_batch(
     first = handle.remote("first")
     await device.until(lambda: device.inside == 1)
     names = [str(i) for i in range(6)]
-    waiting = await queued(handle, *names)
+    waiting = send(handle, *names)
+    await until_queued(serve, "dev", len(names))
     await serve.update_backend_config("dev", {"max_batch_size": 4})
     assert serve.list_backends()["dev"]["max_batch_size"] == 4
     device.release()
@@ -565,12 +560,17 @@ async def test_a_shorter_batch_wait_timeout_releases_a_waiting_batch(
         legacy_function(device),
         config={"max_batch_size": 3, "batch_wait_timeout": LONG},
     )
-    (waiting,) = await queued(handle, "a")
+    (waiting,) = send(handle, "a")
+    await until_queued(serve, "dev", 1)
+    # A later request finds the first still waiting: it did not go out alone.
+    (waiting_too,) = send(handle, "b")
+    await until_queued(serve, "dev", 2)
     assert not waiting.done()
     await serve.update_backend_config("dev", {"batch_wait_timeout": 0})
     async with asyncio.timeout(WAIT_S):
         assert await waiting == "done a"
-    assert device.batches == [["a"]]
+        assert await waiting_too == "done b"
+    assert device.batches == [["a", "b"]]
 
 
 # -- wrong results -----------------------------------------------------------------------------
@@ -666,7 +666,7 @@ async def test_queued_requests_run_earliest_deadline_first_ties_in_arrival_order
         else:
             caller = handle.options(relative_slo_ms=slo)
         futures[i] = caller.remote(f"r{i}")
-    await settle()
+    await until_queued(serve, "dev", len(requests))
     assert device.items == ["first"]
     device.release()
     async with asyncio.timeout(WAIT_S):
@@ -752,7 +752,7 @@ async def test_http_deadline_query_params_order_the_queue(serve: Serve, device: 
                 params["relative_slo_ms"] = slo
             requests.append(asyncio.create_task(client.get("/dev", params=params)))
         await probe.until(lambda: probe.entered == len(slos))
-        await settle()  # from the app's entry to the batch queue: loop turns, no clock
+        await until_queued(serve, "dev", len(slos))
         device.release()
         async with asyncio.timeout(WAIT_S):
             responses = await asyncio.gather(*requests)
@@ -771,10 +771,12 @@ async def test_a_cancelled_handle_caller_leaves_the_queue_and_never_runs(
     device.hold()
     first = handle.remote("first")
     await device.until(lambda: device.inside == 1)
-    gone, kept = await queued(handle, "gone", "kept")
+    gone, kept = send(handle, "gone", "kept")
+    await until_queued(serve, "dev", 2)
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gone
+    await until_queued(serve, "dev", 1)  # it left the queue
     device.release()
     async with asyncio.timeout(WAIT_S):
         assert await asyncio.gather(first, kept) == ["done first", "done kept"]
@@ -790,11 +792,14 @@ async def test_a_cancelled_caller_does_not_count_towards_a_waiting_batch(
         legacy_function(device),
         config={"max_batch_size": 2, "batch_wait_timeout": LONG},
     )
-    (gone,) = await queued(handle, "gone")
+    (gone,) = send(handle, "gone")
+    await until_queued(serve, "dev", 1)
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gone
-    (waiting,) = await queued(handle, "a")
+    await until_queued(serve, "dev", 0)  # it left the queue
+    (waiting,) = send(handle, "a")
+    await until_queued(serve, "dev", 1)
     assert not waiting.done()  # "gone" left: "a" is alone and still waits for a partner
     async with asyncio.timeout(WAIT_S):
         assert await asyncio.gather(waiting, handle.remote("b")) == ["done a", "done b"]
@@ -818,15 +823,16 @@ async def test_an_http_client_that_disconnects_while_queued_is_never_run() -> No
             writer.write(b"GET /dev?x=gone HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             await writer.drain()
             await probe.until(lambda: probe.entered == 1)
-            await settle()  # from the app's entry to the batch queue: loop turns, no clock
+            await until_queued(instance, "dev", 1)
             writer.close()
             await writer.wait_closed()
             # The app can only learn of the disconnect by reading http.disconnect from receive().
-            with contextlib.suppress(TimeoutError):
-                await probe.until(lambda: probe.disconnects >= 1, timeout_s=2.0)
-            await settle()
+            await wait_until(
+                lambda: instance.backend_statistics("dev").num_queued == 0,
+                "the request of the client that went away left the queue",
+            )
             kept = handle.remote("kept")
-            await settle()
+            await until_queued(instance, "dev", 1)
             device.release()
             async with asyncio.timeout(WAIT_S):
                 assert await asyncio.gather(first, kept) == ["done first", "done kept"]
@@ -895,7 +901,9 @@ async def test_a_batch_decorated_function_backend_batches_handle_and_http_caller
     serve: Serve, device: Device, http: httpx.AsyncClient
 ) -> None:
     handle = await deploy(serve, "f", modern_function(device, 3, LONG), route="/f")
-    waiting = await queued(handle, "a", "b")
+    waiting = send(handle, "a", "b")
+    # Both calls run on the replica, in the function's own batch queue.
+    await wait_until(lambda: serve.backend_statistics("f").num_running == 2, "both calls running")
     assert device.batches == []
     assert not any(future.done() for future in waiting)
     async with asyncio.timeout(WAIT_S):

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from _sample_backends import wait_until
 from fastapi import FastAPI
 from fastapi import HTTPException as FastAPIHTTPException
 from starlette.applications import Starlette
@@ -23,8 +24,6 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 import aioserve
-from aioserve.serve import ServeState
-from aioserve.serve import _Server as ReadyServer  # uvicorn with a ready event, no signals
 
 pytestmark = pytest.mark.usefixtures("no_loop_errors")
 
@@ -34,14 +33,11 @@ async def run_uvicorn(app: Any) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn (lifespan on) on 127.0.0.1 and a free port; yield its URL."""
     # port=0: the kernel picks a free port at bind time, so no other process can take it first.
     config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
-    server = ReadyServer(config)
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    ready = asyncio.create_task(server.ready.wait())
-    try:
-        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        ready.cancel()
-    if not server.ready.is_set():
+    # ``started`` is set once the lifespan startup has run and the socket listens.
+    await wait_until(lambda: server.started or task.done(), "uvicorn started")
+    if not server.started:
         await task  # raises what went wrong at startup, if anything did
         raise AssertionError("uvicorn stopped before it was ready")
     port = server.servers[0].sockets[0].getsockname()[1]
@@ -96,7 +92,7 @@ async def test_mounted_in_fastapi_under_real_uvicorn() -> None:
 
     async with run_uvicorn(app) as url, httpx.AsyncClient(base_url=url) as client:
         assert lifespan_ran == ["started"]
-        assert s.state is ServeState.RUNNING
+        assert (await client.get("/models/-/healthz")).status_code == 200  # running
         assert s.url is None  # no server of its own
 
         r = await client.get("/own")
@@ -134,9 +130,13 @@ async def test_mounted_in_fastapi_under_real_uvicorn() -> None:
         assert "/-/routes" in r.text
         assert (await client.post("/models/echo")).status_code == 405
 
-    # The host's lifespan shutdown closed the instance.
+    # The host's lifespan shutdown closed the instance: it refuses work and reports so.
     assert lifespan_ran == ["started", "stopped"]
-    assert s.state is ServeState.STOPPED
+    with pytest.raises(aioserve.ServeError):
+        s.get_handle("double")
+    transport = httpx.ASGITransport(app=s.asgi_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://host") as client:
+        assert (await client.get("/-/healthz")).status_code == 503
 
 
 async def _home(request: Request) -> PlainTextResponse:

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _sample_backends import Gate, gated, loop_turns
+from _sample_backends import Gate, gated, until_queued, wait_until
 from starlette.requests import Request
 
 import aioserve
@@ -42,7 +42,7 @@ async def test_remote_returns_at_once_with_the_request_started(serve: Serve, gat
     ref = handle.remote(7)
     assert inspect.isawaitable(ref)
     assert gate.entries == []  # nothing ran inside remote() itself
-    await asyncio.sleep(0)  # one loop turn, without awaiting ref
+    await gate.until_inside(1)  # the request runs without anyone awaiting ref
     assert gate.entries == [7]
     assert not ref.done()
     gate.release.set()
@@ -215,9 +215,11 @@ async def test_get_handle_unknown_endpoint(serve: Serve) -> None:
 
 
 async def test_missing_ok_handle_waits_for_the_endpoint(serve: Serve) -> None:
+    probe = await deploy(serve, "probe", echo_args)
     handle = serve.get_handle("later", missing_ok=True)
     ref = handle.remote(4)
-    await loop_turns()
+    # A call sent later is answered by now: the first one had every chance to fail at once.
+    assert await probe.remote(5) == ((5,), {})
     assert not ref.done()
     await deploy(serve, "later", echo_args)
     assert await asyncio.wait_for(ref, 10) == ((4,), {})
@@ -381,7 +383,7 @@ async def test_overload_is_shared_by_http_and_handles(
     over_http = asyncio.create_task(http.get("/busy", params={"label": "http"}))
     await gate.until_inside(1)  # the HTTP request holds the only slot
     queued = handle.remote("handle")
-    await loop_turns()  # the handle call now waits in the backend's queue
+    await until_queued(serve, "busy", 1)  # the handle call waits in the backend's queue
     with pytest.raises(Overloaded):
         await asyncio.wait_for(handle.remote("rejected"), 5)
     rejected = await asyncio.wait_for(http.get("/busy", params={"label": "rejected"}), 5)
@@ -407,7 +409,7 @@ async def test_cancelled_caller_removes_its_queued_request(serve: Serve, gate: G
         return await handle.remote(2)
 
     waiting = asyncio.create_task(caller())
-    await loop_turns()
+    await until_queued(serve, "x", 1)
     # The queue (bound 1) is full: proof that request 2 is queued, not lost or running.
     with pytest.raises(Overloaded):
         await asyncio.wait_for(handle.remote("probe"), 5)
@@ -416,7 +418,7 @@ async def test_cancelled_caller_removes_its_queued_request(serve: Serve, gate: G
         await waiting
     # Its place in the queue is free again.
     third = handle.remote(3)
-    await loop_turns()
+    await until_queued(serve, "x", 1)
     assert not third.done()
     gate.release.set()
     assert await first == 1
@@ -431,9 +433,9 @@ async def test_cancelling_the_returned_awaitable_removes_the_request(
     first = handle.remote(1)
     await gate.until_inside(1)
     second = handle.remote(2)
-    await loop_turns()
+    await until_queued(serve, "x", 1)
     second.cancel()
-    await loop_turns()
+    await until_queued(serve, "x", 0)  # it left the queue
     gate.release.set()
     assert await first == 1
     assert await handle.remote(3) == 3
@@ -480,7 +482,7 @@ async def test_queued_requests_are_served_earliest_deadline_first(serve: Serve, 
     no_deadline = handle.remote("no deadline")
     late = handle.options(relative_slo_ms=60_000).remote("late")
     soon = handle.options(relative_slo_ms=30_000).remote("soon")
-    await loop_turns()
+    await until_queued(serve, "x", 3)
     gate.release.set()
     await asyncio.gather(first, no_deadline, late, soon)
     assert gate.entries == ["first", "soon", "late", "no deadline"]
@@ -557,7 +559,7 @@ async def test_caller_cancelling_a_running_async_request_cancels_the_handler(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await loop_turns()
+    await wait_until(lambda: gate.inside == 0, "the handler left the gate")
     assert gate.cancelled == [1]
     # The slot was given back.
     gate.release.set()
@@ -574,13 +576,15 @@ async def test_handle_to_a_deleted_endpoint(serve: Serve) -> None:
 async def test_call_pending_at_shutdown_fails_with_a_serve_error() -> None:
     serve = Serve(http_options={"location": "NoServer"})
     await serve.start()
+    probe = await deploy(serve, "probe", echo_args)
     handle = serve.get_handle("never_created", missing_ok=True)
 
     async def caller() -> Any:
         return await handle.remote(1)
 
     task = asyncio.create_task(caller())
-    await loop_turns()
+    # A call sent later is answered by now: the first one had every chance to fail at once.
+    assert await probe.remote(2) == ((2,), {})
     assert not task.done()
     await serve.aclose()
     # The caller was not cancelled: it must not see a CancelledError it cannot tell from its own.

@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import pydantic
 import pytest
+from _sample_backends import HANG_GUARD_S, until_queued
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -41,8 +42,6 @@ from aioserve import Serve
 
 pytestmark = pytest.mark.usefixtures("no_loop_errors")
 
-HANG_GUARD_S = 10.0  # turns a hang (e.g. a buffered stream) into a failure; never reached when OK
-
 
 async def deploy(
     s: Serve,
@@ -58,15 +57,6 @@ async def deploy(
     await s.create_endpoint(
         name, backend=name, route=route or f"/{name}", methods=methods or ["GET"]
     )
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Let the loop turn until ``predicate()`` holds (a bounded number of turns, no clock)."""
-    for _ in range(10_000):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
 
 
 # -- result -> response --------------------------------------------------------------------------
@@ -480,9 +470,7 @@ async def test_overload_is_a_fast_503_with_retry_after(
     running = asyncio.create_task(http.get("/busy"))
     await entered.wait()
     queued = asyncio.create_task(http.get("/busy"))
-    await wait_until(
-        lambda: serve.backend_statistics("busy").num_queued == 1, "the second request is queued"
-    )
+    await until_queued(serve, "busy", 1)  # the second request
 
     async with asyncio.timeout(HANG_GUARD_S):  # "fast": it does not wait for the busy replica
         r = await http.get("/busy")

@@ -4,25 +4,27 @@ during their upload, scale-down, deletion, updates and instance shutdown with wo
 async generator handlers, classes with one batching method, and interpreter exit.
 
 Each test checks what a user would notice. They synchronise on events, futures and the instance's
-own state (``loop_turns``), never on sleeps; timeouts only turn a hang into a failure.
+public state (``backend_statistics``, ``list_backends``, refused calls), never on sleeps or counts
+of loop turns; timeouts only turn a hang into a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from _sample_backends import Gate, gated, loop_turns
+from _sample_backends import HANG_GUARD_S, Gate, gated, until_queued, wait_until
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
@@ -41,11 +43,6 @@ try:
     import uvloop
 except ImportError:  # pragma: no cover - the [fast] extra is installed in CI
     uvloop = None
-
-HANG_GUARD_S = 10.0  # turns a hang into a failure; never reached when things work
-# Loop turns after which work that does not wait on anything outside the loop has long finished
-# (shutting down an idle instance takes a few dozen): enough to tell "still waiting" from "done".
-SETTLE_TURNS = 200
 
 
 async def deploy(s: Serve, tag: str, target: Any, *, config: Any = None) -> ServeHandle:
@@ -68,13 +65,15 @@ async def deploy_http(
     await s.create_endpoint(tag, backend=tag, route=f"/{tag}", methods=methods or ["GET"])
 
 
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Let the loop turn until ``predicate()`` holds (a bounded number of turns, no clock)."""
-    for _ in range(10_000):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
+async def until_shutdown_has_begun(probe: ServeHandle) -> None:
+    """Call ``probe`` (a handler that answers at once) until the instance refuses new top-level
+    calls: its shutdown has begun. Calls made before that are answered as usual."""
+    async with asyncio.timeout(HANG_GUARD_S):
+        while True:
+            try:
+                await probe.remote("probe")
+            except ServeShutdown:
+                return
 
 
 def replica_threads_left(backend_tag: str, *, keep: str | None = None) -> list[str]:
@@ -244,10 +243,13 @@ async def test_client_gone_during_upload_logs_no_asgi_exception(
     async with httpx.AsyncClient(base_url=served.url, timeout=HANG_GUARD_S) as http:
         r = await http.post("/upload", content=b"y" * 10)
     assert (r.status_code, r.json()) == (200, 10)
-    await loop_turns()
+    # Shutdown waits for every request the server took (uvicorn cancels, and logs, any still
+    # running after its graceful timeout): the broken upload has been handled by then.
+    await asyncio.wait_for(served.aclose(), HANG_GUARD_S)
     assert sizes == [10]  # the broken upload never reached the handler
     errors = [rec for rec in caplog.records if rec.name == "uvicorn.error"]
     assert not [rec for rec in errors if "Exception in ASGI application" in rec.getMessage()]
+    assert not [rec for rec in errors if "timeout graceful shutdown" in rec.getMessage()]
 
 
 # -- 5. scale-down, then force deletion or instance shutdown -------------------------------------
@@ -295,7 +297,7 @@ async def test_graceful_aclose_waits_for_a_retiring_replicas_request(serve: Serv
     calls[retiring].add_done_callback(lambda _: order.append("request"))
     closing = asyncio.create_task(serve.aclose())
     closing.add_done_callback(lambda _: order.append("aclose"))
-    await loop_turns(SETTLE_TURNS)
+    await until_shutdown_has_begun(h)
     assert not closing.done()
     release[retiring].set()
     await asyncio.wait_for(closing, HANG_GUARD_S)
@@ -382,7 +384,7 @@ async def test_graceful_aclose_serves_nested_calls_and_refuses_new_top_level_one
     call.add_done_callback(lambda _: order.append("request"))
     closing = asyncio.create_task(serve.aclose())
     closing.add_done_callback(lambda _: order.append("aclose"))
-    await loop_turns(SETTLE_TURNS)
+    await until_shutdown_has_begun(down_handle)
     assert not closing.done()
     with pytest.raises(ServeShutdown):
         await down_handle.remote(1)  # a new top-level call once shutdown has begun
@@ -406,6 +408,7 @@ async def test_graceful_aclose_lets_an_http_request_in_flight_finish(served: Ser
         return "done"
 
     await deploy_http(served, "slow", slow, config={"graceful_shutdown_timeout_s": 30})
+    await deploy_http(served, "ping", lambda request: "pong")
     assert served.url is not None
     async with (
         httpx.AsyncClient(base_url=served.url, timeout=HANG_GUARD_S) as first_client,
@@ -415,7 +418,10 @@ async def test_graceful_aclose_lets_an_http_request_in_flight_finish(served: Ser
         await asyncio.wait_for(entered.wait(), HANG_GUARD_S)
         closing = asyncio.create_task(served.aclose())
         closing.add_done_callback(lambda _: order.append("aclose"))
-        await loop_turns()
+        # Shutdown has begun once the server refuses a request it would answer at once.
+        async with asyncio.timeout(HANG_GUARD_S):
+            while (await late_client.get("/ping")).status_code != 503:
+                pass
         late = await late_client.get("/slow")
         assert late.status_code == 503
         assert not closing.done()
@@ -445,7 +451,9 @@ async def test_cancelled_delete_backend_still_drains_and_leaves_no_thread(serve:
         await asyncio.wait_for(running.wait(), HANG_GUARD_S)
         await serve.delete_endpoint("delete-cancelled")
         deleting = asyncio.create_task(serve.delete_backend("delete-cancelled"))
-        await loop_turns(SETTLE_TURNS)
+        await wait_until(
+            lambda: "delete-cancelled" not in serve.list_backends(), "the deletion has begun"
+        )
         assert "delete-cancelled" not in serve.list_backends()
         assert not deleting.done()  # draining the request in flight
         deleting.cancel()
@@ -478,11 +486,12 @@ async def test_aclose_waits_for_a_create_backend_under_way_then_stops_it(serve: 
         def __call__(self, x: int) -> int:
             return x
 
+    probe = await deploy(serve, "probe", lambda x: x)
     try:
         creating = asyncio.create_task(serve.create_backend("created-while-closing", Slow))
         await asyncio.wait_for(constructing.wait(), HANG_GUARD_S)
         closing = asyncio.create_task(serve.aclose())
-        await loop_turns(SETTLE_TURNS)
+        await until_shutdown_has_begun(probe)
         assert not closing.done()
         release.set()
         await asyncio.wait_for(creating, HANG_GUARD_S)  # pinned: it succeeds (no ServeError)
@@ -515,7 +524,7 @@ async def test_async_generator_handler_holds_its_slot_and_sees_its_replica(
     await deploy_http(serve, "g", stream, config={"max_concurrent_queries": 1})
     requests = [asyncio.create_task(http.get("/g")) for _ in range(2)]
     await gate.until_inside(1)
-    await loop_turns(SETTLE_TURNS)
+    await until_queued(serve, "g", 1)
     assert bodies["running"] == 1  # the second stream waits for the only slot
     gate.release.set()
     answers = await asyncio.wait_for(asyncio.gather(*requests), HANG_GUARD_S)
@@ -545,7 +554,7 @@ async def test_class_with_one_batch_method_runs_its_call_up_to_max_concurrent_qu
     assert serve.get_backend_config("m").max_concurrent_queries == 3
     calls = [h.remote(i) for i in range(5)]
     await gate.until_inside(3)
-    await loop_turns(SETTLE_TURNS)
+    await until_queued(serve, "m", 2)
     assert gate.inside == 3  # and no more: the limit still holds
     gate.release.set()
     assert await asyncio.gather(*calls) == list(range(5))
@@ -591,8 +600,15 @@ def test_interpreter_exit_with_queued_sync_calls_is_prompt(tmp_path: Path) -> No
     script = tmp_path / "queued_at_exit.py"
     script.write_text(textwrap.dedent(EXIT_SCRIPT))
     started = time.monotonic()
+    # The child imports the aioserve these tests import, wherever it was installed from.
+    env = {**os.environ, "PYTHONPATH": str(Path(aioserve.__file__).parent.parent)}
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, check=False
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        check=False,
+        env=env,
     )
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _sample_backends import Gate
+from _sample_backends import HANG_GUARD_S, Gate, until_queued, wait_until
 from starlette.requests import Request
 
 from aioserve import (
@@ -33,7 +33,6 @@ from aioserve import (
 )
 
 NO_SERVER = {"location": "NoServer"}
-HANG_GUARD_S = 10.0  # turns a hang into a failure; never reached when things work
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -44,28 +43,12 @@ async def whoami(*args: Any) -> str:
     return get_replica_context().backend_tag
 
 
-async def loop_turns(n: int = 5) -> None:
-    # Let the loop run every ready callback a few times: enough for spawned requests to reach
-    # their replica or the queue. Not a guess at timing: nothing here waits on a clock.
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
 async def quiesce() -> None:
     """Let the loop turn until every other task has finished (shadow copies included)."""
     me = asyncio.current_task()
     async with asyncio.timeout(HANG_GUARD_S):
         while others := {t for t in asyncio.all_tasks() if t is not me and not t.done()}:
             await asyncio.wait(others)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Let the loop turn until ``predicate()`` holds (a bounded number of turns, no clock)."""
-    for _ in range(10_000):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
 
 
 def binomial_bound(n: int, p: float, sigmas: float = 5.0) -> float:
@@ -709,7 +692,7 @@ async def test_concurrency_limit_and_queue_are_per_backend_across_endpoints(
     second = asyncio.create_task(http.get("/two", params={"label": "two-http"}))
     await gate.until_inside(2)
     queued = two.remote("two")
-    await loop_turns()
+    await until_queued(serve, "shared", 1)
     assert gate.inside == 2  # the limit is the replica's, not each endpoint's
     with pytest.raises(Overloaded):
         await asyncio.wait_for(one.remote("rejected"), HANG_GUARD_S)
@@ -733,7 +716,7 @@ async def test_least_loaded_replica_under_its_limit_is_chosen(serve: Serve, gate
     handle = serve.get_handle("x")
     refs = [handle.remote(i) for i in range(7)]
     await gate.until_inside(6)
-    await loop_turns()
+    await until_queued(serve, "x", 1)
     # Six spread two per replica (never three on one); the seventh waits for a free slot.
     per_replica = Counter(tag for tag, _ in gate.entries)
     assert sorted(per_replica.values()) == [2, 2, 2]
@@ -862,7 +845,11 @@ async def test_scale_down_drains_running_requests_within_the_timeout(
     refs = [handle.remote(i) for i in range(5)]  # three run, two wait
     await gate.until_inside(3)
     await serve.update_backend_config("x", {"num_replicas": 1})
-    await loop_turns()
+    # One replica left in routing, busy; the two waiting requests still wait.
+    await wait_until(
+        lambda: serve.backend_statistics("x").num_replicas == 1, "one replica in routing"
+    )
+    await until_queued(serve, "x", 2)
     gate.release.set()
     results = await asyncio.wait_for(asyncio.gather(*refs), HANG_GUARD_S)
     assert [x for _, x in results] == list(range(5))
@@ -889,11 +876,11 @@ async def test_graceful_delete_completes_requests_running_and_queued(
     running = handle.remote("running")
     await gate.until_inside(1)
     queued = [handle.remote(f"queued-{i}") for i in range(3)]
-    await loop_turns()
+    await until_queued(serve, "old", 3)
     await serve.set_traffic("ep", {"new": 1.0})
     assert await handle.remote("after") == ("new", "after")
     deleting = asyncio.create_task(serve.delete_backend("old"))
-    await loop_turns()
+    await wait_until(lambda: "old" not in serve.list_backends(), "the deletion has begun")
     assert not deleting.done()  # it waits for the work it holds
     assert "old" not in serve.list_backends()
     gate.release.set()
@@ -915,7 +902,7 @@ async def test_force_delete_cancels_requests_running_and_queued(serve: Serve, ga
     running = handle.remote("running")
     await gate.until_inside(1)
     queued = [handle.remote(f"queued-{i}") for i in range(3)]
-    await loop_turns()
+    await until_queued(serve, "old", 3)
     await serve.link("ep", "new")
     await asyncio.wait_for(serve.delete_backend("old", force=True), HANG_GUARD_S)
     with pytest.raises(ReplicaStopped):
