@@ -376,8 +376,6 @@ class Serve:
                 record.config = new.to_dict()
                 await self._checkpoint()
 
-    set_backend_config = update_backend_config
-
     async def delete_backend(self, backend_tag: str, force: bool = False) -> None:
         """Delete a backend no endpoint uses: drain its work (or cancel it, with ``force``)."""
         async with self._lock:
@@ -456,12 +454,6 @@ class Serve:
             traffic = _validate_traffic(traffic_policy_dictionary, self._backends)
             self._router.set_traffic(endpoint, traffic)
             await self._checkpoint()
-
-    split = set_traffic
-
-    async def link(self, endpoint_name: str, backend_tag: str) -> None:
-        """Send all of an endpoint's traffic to one backend (``set_traffic(name, {tag: 1})``)."""
-        await self.set_traffic(endpoint_name, {backend_tag: 1.0})
 
     async def shadow_traffic(self, endpoint_name: str, backend_tag: str, proportion: Any) -> None:
         """Copy ``proportion`` of an endpoint's requests to a backend; 0 removes the shadow."""

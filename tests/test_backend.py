@@ -529,21 +529,9 @@ async def test_user_config_update_on_a_function_backend_is_rejected(serve: Serve
     assert serve.list_backends()["x"]["user_config"] is None
 
 
-async def test_set_backend_config_alias(serve: Serve) -> None:
-    log: list[tuple[Any, ...]] = []
-    await deploy(serve, "x", Recorder, log, config={"user_config": {"v": 1}})
-    await serve.set_backend_config("x", {"num_replicas": 2, "user_config": {"v": 3}})
-    assert serve.list_backends()["x"]["num_replicas"] == 2
-    tags = {entry[1] for entry in log}
-    assert len(tags) == 2
-    for tag in tags:
-        assert ("reconfigure", tag, {"v": 3}) in log
-
-
-@pytest.mark.parametrize("method", ["update_backend_config", "set_backend_config"])
-async def test_update_unknown_backend(serve: Serve, method: str) -> None:
+async def test_update_unknown_backend(serve: Serve) -> None:
     with pytest.raises(ValueError, match="'ghost'"):
-        await getattr(serve, method)("ghost", {"num_replicas": 2})
+        await serve.update_backend_config("ghost", {"num_replicas": 2})
     assert serve.list_backends() == {}
 
 

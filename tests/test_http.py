@@ -451,7 +451,7 @@ async def test_endpoint_without_a_backend_is_503(serve: Serve, http: httpx.Async
     assert "retry-after" not in r.headers
     # Linking a backend makes it answer.
     await serve.create_backend("ready", lambda request: "ready")
-    await serve.link("pending", "ready")
+    await serve.set_traffic("pending", {"ready": 1.0})
     assert (await http.get("/pending")).text == "ready"
 
 

@@ -11,21 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from _sample_backends import HANG_GUARD_S, wait_until
 from starlette.requests import Request
 
 from aioserve import Serve
-
-HANG_GUARD_S = 10.0
-
-
-async def wait_until(predicate: Any, what: str, timeout_s: float = HANG_GUARD_S) -> None:
-    """Re-check ``predicate`` as the loop runs until it holds; fail after ``timeout_s``."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():  # noqa: ASYNC110 (re-checks state as the loop runs)
-                await asyncio.sleep(0)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting until {what}") from None
 
 
 class SlowTicks:

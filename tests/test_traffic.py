@@ -91,7 +91,7 @@ async def test_split_shares_over_http(serve: Serve, http: httpx.AsyncClient) -> 
     n = 600
     await backends(serve, "a", "b")
     await serve.create_endpoint("ep", backend="a", route="/ep")
-    await serve.split("ep", {"a": 0.25, "b": 0.75})
+    await serve.set_traffic("ep", {"a": 0.25, "b": 0.75})
     responses = await asyncio.gather(*(http.get("/ep") for _ in range(n)))
     assert {r.status_code for r in responses} == {200}
     counts = Counter(r.text for r in responses)
@@ -129,12 +129,12 @@ async def test_a_zero_weight_backend_gets_nothing_and_is_listed(
 async def test_split_and_link_are_set_traffic(serve: Serve) -> None:
     await backends(serve, "a", "b")
     await serve.create_endpoint("ep")
-    await serve.link("ep", "b")
+    await serve.set_traffic("ep", {"b": 1.0})
     assert serve.list_endpoints()["ep"]["traffic"] == {"b": 1.0}
     assert await serve.get_handle("ep").remote() == "b"
-    await serve.split("ep", {"a": 0.5, "b": 0.5})
+    await serve.set_traffic("ep", {"a": 0.5, "b": 0.5})
     assert serve.list_endpoints()["ep"]["traffic"] == {"a": 0.5, "b": 0.5}
-    await serve.link("ep", "a")
+    await serve.set_traffic("ep", {"a": 1.0})
     assert serve.list_endpoints()["ep"]["traffic"] == {"a": 1.0}
     handle = serve.get_handle("ep")
     assert set(await asyncio.gather(*(handle.remote() for _ in range(100)))) == {"a"}
@@ -156,7 +156,7 @@ async def test_an_endpoint_without_traffic_fails_clearly_until_linked(serve: Ser
     handle = serve.get_handle("pending")
     with pytest.raises(ServeError, match="pending"):
         await handle.remote()
-    await serve.link("pending", "a")
+    await serve.set_traffic("pending", {"a": 1.0})
     assert await handle.remote() == "a"
 
 
@@ -356,12 +356,18 @@ BAD_CALLS: list[tuple[str, Call, type[Exception]]] = [
     ("set_traffic nan", lambda s: s.set_traffic("ep", {"a": math.nan}), ValueError),
     ("set_traffic not a dict", lambda s: s.set_traffic("ep", "b"), TypeError),
     ("set_traffic str weight", lambda s: s.set_traffic("ep", {"b": "1"}), TypeError),
-    ("split unknown endpoint", lambda s: s.split("ghost", {"a": 1.0}), ValueError),
-    ("split unknown backend", lambda s: s.split("ep", {"ghost": 1.0}), ValueError),
-    ("split bad sum", lambda s: s.split("ep", {"a": 0.7, "b": 0.7}), ValueError),
-    ("split negative", lambda s: s.split("ep", {"a": 1.25, "b": -0.25}), ValueError),
-    ("link unknown endpoint", lambda s: s.link("ghost", "b"), ValueError),
-    ("link unknown backend", lambda s: s.link("ep", "ghost"), ValueError),
+    (
+        "set_traffic unknown endpoint, one backend",
+        lambda s: s.set_traffic("ghost", {"b": 1.0}),
+        ValueError,
+    ),
+    (
+        "set_traffic unknown backend, two",
+        lambda s: s.set_traffic("ep", {"ghost": 0.5, "b": 0.5}),
+        ValueError,
+    ),
+    ("set_traffic bad sum", lambda s: s.set_traffic("ep", {"a": 0.7, "b": 0.7}), ValueError),
+    ("set_traffic negative", lambda s: s.set_traffic("ep", {"a": 1.25, "b": -0.25}), ValueError),
     ("shadow unknown endpoint", lambda s: s.shadow_traffic("ghost", "b", 0.5), ValueError),
     ("shadow unknown backend", lambda s: s.shadow_traffic("ep", "ghost", 0.5), ValueError),
     ("shadow proportion > 1", lambda s: s.shadow_traffic("ep", "b", 1.5), ValueError),
@@ -903,7 +909,7 @@ async def test_force_delete_cancels_requests_running_and_queued(serve: Serve, ga
     await gate.until_inside(1)
     queued = [handle.remote(f"queued-{i}") for i in range(3)]
     await until_queued(serve, "old", 3)
-    await serve.link("ep", "new")
+    await serve.set_traffic("ep", {"new": 1.0})
     await asyncio.wait_for(serve.delete_backend("old", force=True), HANG_GUARD_S)
     with pytest.raises(ReplicaStopped):
         await running
