@@ -37,7 +37,7 @@ from .policy import RoutePolicy, TrafficTable, make_chooser, validate_shadow_pro
 from .policy import validate_traffic as _validate_traffic
 from .router import Endpoint, Router, check_route
 from .runners import InProcessRunner
-from .servers import UvicornServer, bind
+from .servers import Server, bind, make_server
 from .state import BackendRecord, ControlState, check_storable
 from .store import AsyncStateStore
 
@@ -98,7 +98,7 @@ class Serve:
         self._handles = TaskOwner("handle calls")
         self._background = TaskOwner("aioserve server")
         self._deletions = TaskOwner("backend deletions")
-        self._server: UvicornServer | None = None
+        self._server: Server | None = None
         self._closed: asyncio.Future[None] | None = None
         # Persistence: the records of what was created, checkpointed after every change.
         self._store = AsyncStateStore(kv_store_path) if kv_store_path is not None else None
@@ -214,7 +214,7 @@ class Serve:
         assert opts.host is not None  # serves is False without a host
         sock = bind(opts.host, opts.port)
         self.http_port = sock.getsockname()[1]
-        server = UvicornServer(self.asgi_app, sock, root_path=opts.root_path)
+        server = make_server(self.asgi_app, sock, opts)
         await server.start(self._background)
         self._server = server
 

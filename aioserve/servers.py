@@ -12,14 +12,15 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 
 from ._concurrency import TaskOwner
+from .config import HTTPOptions
 from .exceptions import BindError, ServeError
 
-__all__ = ["UvicornServer", "bind"]
+__all__ = ["Server", "UvicornServer", "bind", "make_server"]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -58,10 +59,25 @@ class _Server(uvicorn.Server):
             self.ready.set()
 
 
+class Server(Protocol):
+    """An HTTP server serving an instance's ASGI app on its bound socket, on the running loop."""
+
+    async def start(self, owner: TaskOwner) -> None:
+        """Start serving as a task of ``owner``; return once connections are accepted."""
+
+    async def stop(self) -> None:
+        """Stop accepting, let open responses finish within the server's bound, and wait."""
+
+
+def make_server(app: Any, sock: socket.socket, options: HTTPOptions) -> Server:
+    """The server ``options`` asks for, serving ``app`` on ``sock``."""
+    return UvicornServer(app, sock, options)
+
+
 class UvicornServer:
     """uvicorn serving ``app`` on a bound socket, as a task owned by ``owner``."""
 
-    def __init__(self, app: Any, sock: socket.socket, *, root_path: str = "") -> None:
+    def __init__(self, app: Any, sock: socket.socket, options: HTTPOptions) -> None:
         self._sock = sock
         config = uvicorn.Config(
             app,
@@ -69,7 +85,7 @@ class UvicornServer:
             log_config=None,
             log_level="warning",
             access_log=False,
-            root_path=root_path,
+            root_path=options.root_path,
             timeout_graceful_shutdown=5,
         )
         self._server = _Server(config)
