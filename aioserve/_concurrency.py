@@ -14,7 +14,9 @@ import concurrent.futures
 import contextvars
 import functools
 import logging
+import queue
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -128,28 +130,85 @@ class TaskOwner:
             self._tasks.difference_update(tasks)
 
 
+_Work = tuple["concurrent.futures.Future[Any]", Callable[[], Any]]
+
+
 class ReplicaThread:
-    """A dedicated worker thread: calls run one at a time, in order, with the caller's context."""
+    """A dedicated worker thread: calls run one at a time, in order, with the caller's context.
+
+    The thread is a daemon started on the first call: a call stuck in user code forever cannot keep
+    the interpreter from exiting once aioserve has shut down (``ThreadPoolExecutor`` threads are
+    joined at exit, so one stuck call would hang the process).
+    """
 
     def __init__(self, name: str) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=name
-        )
+        self._name = name
+        self._calls: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None
+        ]
+        self._calls = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._shut = False
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<ReplicaThread {self._name!r} shut={self._shut}>"
 
     def submit(
         self, ctx: contextvars.Context, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
     ) -> concurrent.futures.Future[T]:
-        """Queue ``fn(*args, **kwargs)`` to run in ``ctx`` on the thread."""
-        return self._executor.submit(functools.partial(ctx.run, fn, *args, **kwargs))
+        """Queue ``fn(*args, **kwargs)`` to run in ``ctx`` on the thread.
+
+        Raises ``RuntimeError`` once :meth:`shutdown` has been called.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError(f"{self._name} is shut down; it runs no new calls.")
+            if self._thread is None:
+                # Named as a one-thread pool names its thread (thread names show in logs).
+                self._thread = threading.Thread(
+                    target=self._work, name=f"{self._name}_0", daemon=True
+                )
+                self._thread.start()
+            self._calls.put((future, functools.partial(ctx.run, fn, *args, **kwargs)))
+        return future
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` on the thread with the current contextvars and wait for its result."""
         future = self.submit(contextvars.copy_context(), fn, *args, **kwargs)
         return await asyncio.wrap_future(future)
 
+    def _work(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            future, call = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = call()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del future, call, item  # drop references to results and arguments at once
+
     def shutdown(self) -> None:
         """Drop queued calls; a running call finishes on its own (threads cannot be killed)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+        while True:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        self._calls.put(None)
 
 
 def spawn_threadsafe(

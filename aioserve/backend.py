@@ -156,6 +156,7 @@ class Backend:
             not len(self._waiting)
             and not any(r.in_flight for r in self.replicas)
             and not any(r.in_flight for r in self._draining)
+            and not any(q.queued for q in self._batch_queues.values())
         )
 
     async def wait_idle(self) -> None:
@@ -176,9 +177,13 @@ class Backend:
             _Replica(self._new_runner(self.tag, self.callable), limit) for _ in range(count)
         ]
         # Concurrently: two constructors that wait on each other must both be able to finish.
-        results = await asyncio.gather(
-            *(r.runner.start(config.user_config) for r in replicas), return_exceptions=True
-        )
+        try:
+            results = await asyncio.gather(
+                *(r.runner.start(config.user_config) for r in replicas), return_exceptions=True
+            )
+        except BaseException:  # cancelled: stop what was made
+            await asyncio.gather(*(r.runner.aclose() for r in replicas))
+            raise
         errors = [e for e in results if isinstance(e, BaseException)]
         if errors:
             await asyncio.gather(*(r.runner.aclose() for r in replicas))

@@ -216,17 +216,25 @@ class InProcessRunner:
         ctx = contextvars.copy_context()
         ctx.run(self._enter)  # a variable it sets stays in the thread's copy
         future = self._submit(ctx, fn, *args, **kwargs)
+        task = current_task(self._loop)
+        assert task is not None  # always called from a task: we are in a coroutine
+        self._running.add(task)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            if future.cancelled() and self._killed:
-                raise ReplicaStopped(
-                    f"Replica {self.replica_tag} was stopped before it ran the request."
-                ) from None
             if not future.done():
                 # The thread may be running it: the slot stays taken until the thread is done.
                 call.lingering = asyncio.wrap_future(future)
+            if self._killed and task.uncancel() == 0:
+                # Stopped (forced deletion, or a drain that ran out of time): the caller gets an
+                # answer now, even if the thread goes on running user code it cannot be made to
+                # leave; the thread is a daemon, so it never keeps the process alive.
+                raise ReplicaStopped(
+                    f"Replica {self.replica_tag} was stopped before the request finished."
+                ) from None
             raise
+        finally:
+            self._running.discard(task)
 
     def _submit(
         self, ctx: contextvars.Context, fn: Callable[..., Any], *args: Any, **kwargs: Any

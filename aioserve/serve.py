@@ -219,21 +219,27 @@ class Serve:
         self._server = server
 
     async def aclose(self) -> None:
-        """Shut down: stop the server, drain the backends, cancel what is left. Idempotent."""
+        """Shut down: stop admitting, drain, stop what is left, stop the server. Idempotent.
+
+        In order: new HTTP requests get 503 and new top-level handle calls ``ServeShutdown``
+        (calls made by requests in flight are still served, so those requests can finish); the
+        backends drain for up to the longest ``graceful_shutdown_timeout_s``; whatever still runs
+        then is stopped, so its callers get ``ReplicaStopped`` (HTTP 503) at once, even a sync
+        handler stuck in its thread (the thread is a daemon and cannot hold the process); then
+        the server stops (open responses get uvicorn's 5 s). So shutdown takes at most the
+        graceful timeout plus a few seconds, whatever the handlers do.
+        """
         if self._closed is not None:
             await asyncio.shield(self._closed)
             return
         self._closed = asyncio.get_running_loop().create_future()
         try:
-            # Stop admitting at the edges only: new HTTP requests get 503 and new top-level
-            # handle calls ServeShutdown, while calls made by requests in flight are still
-            # served, so those requests can finish.
             self._router.state = Lifecycle.DRAINING
             async with self._lock:  # a control call under way finishes first
                 await self._drain()
+                await asyncio.gather(*(b.aclose(force=True) for b in list(self._backends.values())))
                 if self._server is not None:
                     await self._server.stop()
-                await asyncio.gather(*(b.aclose() for b in list(self._backends.values())))
                 await self._deletions.join()
             await self._handles.aclose()
             await self._router.aclose()
@@ -248,7 +254,12 @@ class Serve:
     async def _drain(self) -> None:
         """Wait until no backend has work, for up to the longest graceful_shutdown_timeout_s."""
         backends = list(self._backends.values())
+        if all(b.idle for b in backends):
+            return
         timeout = max((b.config.graceful_shutdown_timeout_s for b in backends), default=0.0)
+        logger.info(
+            "Draining %d request(s) for up to %.1f s.", sum(b.load for b in backends), timeout
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # All idle at once: a request finishing on one backend may have just called another.
@@ -256,7 +267,8 @@ class Serve:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 logger.warning(
-                    "Requests were still running after %.1f s of draining; cancelling them.",
+                    "%d request(s) were still running after %.1f s of draining; stopping them.",
+                    sum(b.load for b in backends),
                     timeout,
                 )
                 return
