@@ -250,9 +250,17 @@ async def _run_one(target: _Target, address: tuple[str, int], kv_store_path: str
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            # A second signal: the operator does not want to wait for the drain.
+            print(f"aioserve: {sig.name} again; exiting now.", file=sys.stderr, flush=True)
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
             continue
         installed.append(sig)
@@ -261,7 +269,7 @@ async def _run_one(target: _Target, address: tuple[str, int], kv_store_path: str
         if started:
             print(f"aioserve is serving on {serve.url}", flush=True)
             await stop.wait()
-        logger.info("Shutting down.")
+        logger.info("Shutting down (a second signal exits at once).")
         return 0
     finally:
         await serve.aclose()

@@ -144,6 +144,20 @@ class HTTPOptions:
     ``host=None`` or ``location`` ``"NoServer"``/None means no server of its own: mount ``asgi_app``
     in another ASGI app instead. ``"HeadOnly"`` and ``"EveryNode"`` both mean one server here.
     ``port=0`` picks a free port (read it back from ``Serve.http_port``).
+
+    Limits, with defaults safe for a server open to untrusted clients:
+
+    * ``max_body_bytes``: a request body larger than this is refused with 413, checked against
+      ``Content-Length`` before the handler runs and counted while the body streams in (None:
+      no limit; a handler that reads ``request.stream()`` holds one chunk at a time anyway).
+    * ``max_header_bytes`` / ``max_headers``: larger or more request headers get 431.
+    * ``header_timeout_s``: a connection that has not sent a whole request head this long after
+      it opened, or after its previous response, is closed (slow or idle clients).
+    * ``keep_alive_timeout_s``: an idle keep-alive connection is closed after this long.
+    * ``max_connections``: connections (and requests) served at once; past it new ones get 503.
+    * ``system_routes``: serve ``/-/routes``, ``/-/healthz``, ``/-/ready``, ``/-/metrics`` on the
+      serving port (True) or not (False); ``system_port`` serves them on a port of their own
+      instead (same host), for a deployment that keeps them off its public port.
     """
 
     host: str | None = "127.0.0.1"
@@ -151,6 +165,14 @@ class HTTPOptions:
     location: Location | None = "HeadOnly"
     middlewares: Sequence[Any] = ()
     root_path: str = ""
+    max_body_bytes: int | None = 16 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int | None = 1000
+    system_routes: bool = True
+    system_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.host is not None and not isinstance(self.host, str):
@@ -174,6 +196,23 @@ class HTTPOptions:
             raise ConfigError(
                 f"http_options root_path must be '' or start with '/', got {self.root_path!r}."
             )
+        check_int("http_options max_body_bytes", self.max_body_bytes, optional=True)
+        check_int("http_options max_header_bytes", self.max_header_bytes, minimum=1024)
+        check_int("http_options max_headers", self.max_headers)
+        check_seconds("http_options header_timeout_s", self.header_timeout_s)
+        check_seconds("http_options keep_alive_timeout_s", self.keep_alive_timeout_s)
+        check_int("http_options max_connections", self.max_connections, optional=True)
+        if not isinstance(self.system_routes, bool):
+            raise ConfigTypeError(
+                f"http_options system_routes must be True or False, got {self.system_routes!r}."
+            )
+        if self.system_port is not None:
+            check_int("http_options system_port", self.system_port, minimum=0)
+            if self.system_port > 65535 or (self.system_port == self.port != 0):
+                raise ConfigError(
+                    f"http_options system_port must be in 0..65535 and differ from port, got "
+                    f"{self.system_port!r}."
+                )
 
     @property
     def serves(self) -> bool:

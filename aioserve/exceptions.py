@@ -19,6 +19,7 @@ exception a caller would naturally catch: ``except KeyError`` and ``except Serve
     ├── BackendError (RuntimeError)             a constructor or reconfigure() raised
     ├── ReplicaStopped (RuntimeError)           the replica serving the request was stopped (force)
     ├── ServeShutdown (RuntimeError)            the instance has been shut down
+    ├── BodyTooLarge (ValueError)               a request body over max_body_bytes; HTTP 413
     ├── StoreError (ValueError)                 state that cannot be stored, or a foreign file
     └── BindError (OSError)                     the HTTP server could not bind its address
 
@@ -35,6 +36,7 @@ __all__ = [
     "BackendNotFound",
     "BatchError",
     "BindError",
+    "BodyTooLarge",
     "ConfigError",
     "ConfigTypeError",
     "DeadlineExceeded",
@@ -145,6 +147,17 @@ class ReplicaStopped(ServeError, RuntimeError):
 
 class ServeShutdown(ServeError, RuntimeError):
     """The aioserve instance has been shut down."""
+
+
+class BodyTooLarge(ServeError, ValueError):
+    """The request body is larger than ``http_options`` ``max_body_bytes`` (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The request body is larger than {limit} bytes, the limit of this server "
+            f"(http_options max_body_bytes)."
+        )
+        self.limit = limit
 
 
 class StoreError(ServeError, ValueError):

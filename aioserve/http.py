@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -30,9 +31,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 
 from ._concurrency import TaskOwner, current_task
 from ._types import Call, Lifecycle, Message, Receive, Scope, Send, Stream, new_request_id
-from .config import check_slo, deadline_from
+from .config import HTTPOptions, check_slo, deadline_from
 from .context import call_var
 from .exceptions import (
+    BodyTooLarge,
     ConfigError,
     DeadlineExceeded,
     EndpointNotFound,
@@ -42,6 +44,7 @@ from .exceptions import (
     ReplicaStopped,
     ServeShutdown,
 )
+from .inbox import Inbox
 
 if TYPE_CHECKING:
     from .router import Endpoint, Router
@@ -55,8 +58,25 @@ access_logger = logging.getLogger("aioserve.access")
 # going away (a queued one starts at once); quick requests pay for no task and no timer.
 WATCH_RUNNING_AFTER_S = 0.05
 
+# An X-Request-ID a client sends is echoed only if it is short, visible ASCII; else a new one.
+_REQUEST_ID = re.compile(rb"[!-~]{1,128}")
+MAX_ERROR_CHARS = 1000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _clean(text: str) -> str:
+    """Error text fit for a response body: no control characters, bounded length."""
+    text = _CONTROL.sub(" ", text)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 1] + "…"
+    return text
+
+
 # The one status table of the HTTP edge; the first matching class wins.
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (BodyTooLarge, 413),
+    (json.JSONDecodeError, 400),
+    (UnicodeDecodeError, 400),
     (DeadlineExceeded, 504),
     (Overloaded, 503),
     (NoTraffic, 503),
@@ -155,17 +175,31 @@ class HTTPApp:
     client going away.
     """
 
-    def __init__(self, router: Router, *, debug: bool = False, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        debug: bool = False,
+        access_log: bool = False,
+        options: HTTPOptions | None = None,
+    ) -> None:
         self._router = router
         self.debug = debug
         self.access_log = access_log
+        options = options or HTTPOptions()
+        self._max_body_bytes = options.max_body_bytes
+        self._max_header_bytes = options.max_header_bytes
+        self._max_headers = options.max_headers
+        # System routes on the serving port, unless turned off or given a port of their own.
+        self.serves_system_routes = options.system_routes and options.system_port is None
         self.loop: asyncio.AbstractEventLoop | None = None  # the instance's, once it runs
         self._watchers = TaskOwner("HTTP disconnect watchers")
-        self._in_flight: set[_Inbox] = set()
+        self._in_flight: set[Inbox] = set()
         self._sweep_timer: asyncio.TimerHandle | None = None
         self.system_routes: dict[str, SystemRoute] = {
             "/-/routes": self._routes_json,
             "/-/healthz": self._healthz,
+            "/-/ready": self._ready,
         }
 
     def __repr__(self) -> str:
@@ -190,26 +224,57 @@ class HTTPApp:
             await receive()
             await send({"type": "websocket.close", "code": 1000})
 
+    async def system_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An ASGI app that answers the system routes only (for ``system_port``)."""
+        if scope["type"] == "http":
+            await self._system(route_path(scope), scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self(scope, receive, send)
+
+    async def _system(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        system = self.system_routes.get(path)
+        response = (
+            await system(Request(scope, receive))
+            if system is not None
+            else _plain(404, f"No system route {path!r}. See GET /-/routes.")
+        )
+        await response(scope, receive, send)
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
         if path.startswith("/-/"):
-            system = self.system_routes.get(path)
-            response = (
-                await system(Request(scope, receive))
-                if system is not None
-                else _plain(404, f"No system route {path!r}. See GET /-/routes.")
-            )
-            await response(scope, receive, send)
+            if self.serves_system_routes:
+                await self._system(path, scope, receive, send)
+            else:
+                await _plain(404, f"No endpoint is served at {path!r}.")(scope, receive, send)
             return
         method_name = shard_key = request_id = None
-        for key, value in scope["headers"]:
+        content_length = -1
+        headers = scope["headers"]
+        header_bytes = 0
+        for key, value in headers:
+            header_bytes += len(key) + len(value)
             if key.startswith(b"x-"):
                 if key == b"x-serve-call-method":
                     method_name = value.decode("latin-1")
                 elif key == b"x-serve-shard-key":
                     shard_key = value.decode("latin-1")
-                elif key == b"x-request-id":
+                elif key == b"x-request-id" and _REQUEST_ID.fullmatch(value):
                     request_id = value.decode("latin-1")
+            elif key == b"content-length" and value.isdigit():
+                content_length = int(value)
+        if len(headers) > self._max_headers or header_bytes > self._max_header_bytes:
+            response = _plain(
+                431,
+                f"The request headers are too large: {len(headers)} header(s), {header_bytes} "
+                f"bytes; this server takes at most {self._max_headers} and "
+                f"{self._max_header_bytes} bytes.",
+            )
+            await response(scope, receive, send)
+            return
+        if self._max_body_bytes is not None and content_length > self._max_body_bytes:
+            await self.error_response(BodyTooLarge(self._max_body_bytes))(scope, receive, send)
+            return
         if request_id is None:
             request_id = new_request_id()
         router = self._router
@@ -269,7 +334,7 @@ class HTTPApp:
         own Response object; None if the client disconnected meanwhile."""
         task = current_task(self.loop)
         assert task is not None  # an ASGI app always runs in a task
-        inbox = _Inbox(task, receive, self._watchers)
+        inbox = Inbox(task, receive, self._watchers, self._max_body_bytes)
         request = Request(scope, inbox.receive, send)
         call.args = (request,)
         try:
@@ -320,9 +385,13 @@ class HTTPApp:
             )
 
     def error_response(self, exc: Exception) -> Response:
-        """The response for an error raised while serving a request (the one status table)."""
+        """The response for an error raised while serving a request (the one status table).
+
+        The body names the error's type and message (control characters replaced, at most
+        ``MAX_ERROR_CHARS``); the traceback only in debug mode, and in the log for a 500.
+        """
         if isinstance(exc, HTTPException):
-            return _plain(exc.status_code, str(exc.detail), exc.headers)
+            return _plain(exc.status_code, _clean(str(exc.detail)), exc.headers)
         for cls, status in _STATUS:
             if isinstance(exc, cls):
                 logger.debug("Request failed with %d: %r", status, exc)
@@ -332,10 +401,12 @@ class HTTPApp:
                 if isinstance(exc, MethodNotFound):
                     # The handle caller's message lists the class's methods; a client's does not.
                     text = f"No method {exc.method_name!r} is served by this endpoint."
-                    return _plain(status, f"MethodNotFound: {text}")
-                return _plain(status, f"{type(exc).__name__}: {exc}", headers)
+                    return _plain(status, _clean(f"MethodNotFound: {text}"))
+                if status == 400:
+                    return _plain(400, _clean(f"The request body cannot be decoded: {exc}"))
+                return _plain(status, _clean(f"{type(exc).__name__}: {exc}"), headers)
         logger.error("Request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-        text = f"{type(exc).__name__}: {exc}"
+        text = _clean(f"{type(exc).__name__}: {exc}")
         if self.debug:
             text += "\n\n" + "".join(traceback.format_exception(exc))
         return _plain(500, text)
@@ -362,9 +433,19 @@ class HTTPApp:
         return JSONResponse(table)
 
     async def _healthz(self, request: Request) -> Response:
-        if self._router.state is not _RUNNING:
-            return _plain(503, "not running")
-        return _plain(200, "success")
+        # Liveness: the instance runs (also while its deployment is built, and while it drains).
+        state = self._router.state
+        if state is _RUNNING or state is Lifecycle.DRAINING:
+            return _plain(200, "success")
+        return _plain(503, f"not running: {state.value}")
+
+    async def _ready(self, request: Request) -> Response:
+        # Readiness: send traffic here (the deployment is in place and not draining).
+        router = self._router
+        if router.state is _RUNNING and router.ready:
+            return _plain(200, "ready")
+        state = router.state.value if router.state is not _RUNNING else "starting"
+        return _plain(503, f"not ready: {state}")
 
 
 def _send_with_header(send: Send, header: tuple[bytes, bytes]) -> Send:
@@ -374,103 +455,6 @@ def _send_with_header(send: Send, header: tuple[bytes, bytes]) -> Send:
         await send(message)
 
     return send_with_header
-
-
-class _Inbox:
-    """The request's ``receive``, with a watcher that cancels the request's task when the client
-    disconnects.
-
-    The handler reads the body through :meth:`receive`. The watcher starts only when that can
-    matter (the request has to wait, or has run through a sweep interval); from then on it is
-    the one reader of the server's ``receive``: it hands body messages to the handler one at a
-    time (it reads ahead at most one, so a large upload is never buffered here) and cancels the
-    task on ``http.disconnect``, at any point of the request.
-    """
-
-    __slots__ = (
-        "_owner",
-        "_reading",
-        "_ready",
-        "_receive",
-        "_start_after_read",
-        "_stopped",
-        "_taken",
-        "_task",
-        "_unread",
-        "_watcher",
-        "disconnected",
-        "seen",
-    )
-
-    def __init__(self, task: asyncio.Task[Any], receive: Receive, owner: TaskOwner) -> None:
-        self._task = task
-        self._receive = receive
-        self._owner = owner
-        self._watcher: asyncio.Task[None] | None = None
-        self._unread: Message | None = None  # read ahead by the watcher, not yet taken
-        self._ready: asyncio.Event | None = None
-        self._taken: asyncio.Event | None = None
-        self._reading = False  # the handler is inside the server's receive()
-        self._start_after_read = False
-        self._stopped = False
-        self.disconnected = False
-        self.seen = False
-
-    async def receive(self) -> Message:
-        """The next message for the handler."""
-        if self._watcher is None:
-            self._reading = True
-            try:
-                return await self._receive()
-            finally:
-                self._reading = False
-                if self._start_after_read:
-                    self._start_after_read = False
-                    self.start()
-        ready, taken = self._ready, self._taken
-        assert ready is not None and taken is not None  # made when the watcher started
-        while self._unread is None:
-            if self._watcher.done():
-                # The watcher has stopped (the request is over): nothing more will come.
-                return {"type": "http.disconnect"}
-            await ready.wait()
-            ready.clear()
-        message, self._unread = self._unread, None
-        taken.set()
-        return message
-
-    def start(self) -> None:
-        """Start watching (idempotent; never once the request is answered)."""
-        if self._watcher is not None or self._stopped or self._owner.closed:
-            return
-        if self._reading:
-            # The handler is reading: it sees a disconnect itself; watch once it stops.
-            self._start_after_read = True
-            return
-        self._ready = asyncio.Event()
-        self._taken = asyncio.Event()
-        self._watcher = self._owner.spawn(self._watch())
-
-    async def _watch(self) -> None:
-        ready, taken = self._ready, self._taken
-        assert ready is not None and taken is not None
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.disconnected = True
-                self._task.cancel()
-                return
-            self._unread = message
-            ready.set()
-            if message.get("more_body", False):
-                taken.clear()
-                await taken.wait()  # read ahead no more than one message
-
-    def stop(self) -> None:
-        """The request is answered (or failed): stop watching."""
-        self._stopped = True
-        if self._watcher is not None:
-            self._watcher.cancel()
 
 
 def _deadline_from_query(query: bytes) -> float | None:

@@ -100,6 +100,9 @@ class Router:
         # The one admission flag: only RUNNING admits new requests; calls made by requests in
         # flight (nested handle calls) still get in while the instance drains.
         self.state = Lifecycle.STARTING
+        # Readiness as a probe sees it (``/-/ready``): the owner sets it once what it must
+        # deploy is in place; it counts only while the state is RUNNING.
+        self.ready = False
         self._backends = backends
         self._static: dict[str, Endpoint] = {}
         self._dynamic: list[Endpoint] = []

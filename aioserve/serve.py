@@ -85,7 +85,9 @@ class Serve:
             rng=rng,
             metrics=self.metrics,
         )
-        self._http = HTTPApp(self._router, debug=debug, access_log=access_log)
+        self._http = HTTPApp(
+            self._router, debug=debug, access_log=access_log, options=self.http_options
+        )
         self._http.system_routes["/-/metrics"] = self._metrics_route
         self.asgi_app: Any = self._http
         for middleware in reversed(self.http_options.middlewares):
@@ -98,7 +100,9 @@ class Serve:
         self._handles = TaskOwner("handle calls")
         self._background = TaskOwner("aioserve server")
         self._deletions = TaskOwner("backend deletions")
-        self._server: Server | None = None
+        self._servers: list[Server] = []
+        self.system_port: int | None = None  # the port system routes are served on, if apart
+        self._ready_wanted = True
         self._closed: asyncio.Future[None] | None = None
         # Persistence: the records of what was created, checkpointed after every change.
         self._store = AsyncStateStore(kv_store_path) if kv_store_path is not None else None
@@ -170,7 +174,11 @@ class Serve:
         self._loop_thread = threading.get_ident()
         install_log_context()
         if self.http_options.serves:
-            await self._start_server()
+            try:
+                await self._start_server()
+            except BaseException:
+                await self.aclose()
+                raise
         self._http.loop = self._loop
         self._router.state = Lifecycle.RUNNING
         if snapshot is not None:
@@ -179,6 +187,28 @@ class Serve:
             except BaseException:
                 await self.aclose()
                 raise
+        self._router.ready = self._ready_wanted
+
+    @property
+    def ready(self) -> bool:
+        """Whether a readiness probe (``GET /-/ready``) sends traffic here: running, not
+        draining, and not held back with :meth:`set_ready`."""
+        return self.state is Lifecycle.RUNNING and self._router.ready
+
+    def set_ready(self, ready: bool) -> None:
+        """Hold readiness back (False) while a deployment is still being built, and give it
+        (True) once it is in place. Called before :meth:`start`, False keeps the instance
+        unready after it starts; otherwise it is ready once started (and its state restored).
+        Draining always makes it unready."""
+        self._ready_wanted = bool(ready)
+        if self.state is Lifecycle.RUNNING:
+            self._router.ready = self._ready_wanted
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting new requests now (HTTP 503; readiness false), as :meth:`aclose` does
+        first; for a signal handler that must not wait. Idempotent."""
+        if self.state is Lifecycle.RUNNING:
+            self._router.state = Lifecycle.DRAINING
 
     async def _restore(self, snapshot: ControlState) -> None:
         """Recreate the checkpointed backends and endpoints (without re-saving each step)."""
@@ -213,10 +243,22 @@ class Serve:
         opts = self.http_options
         assert opts.host is not None  # serves is False without a host
         sock = bind(opts.host, opts.port)
+        system_sock = None
+        if opts.system_port is not None and opts.system_routes:
+            try:
+                system_sock = bind(opts.host, opts.system_port)
+            except BaseException:
+                sock.close()
+                raise
         self.http_port = sock.getsockname()[1]
         server = make_server(self.asgi_app, sock, opts)
         await server.start(self._background)
-        self._server = server
+        self._servers.append(server)
+        if system_sock is not None:
+            self.system_port = system_sock.getsockname()[1]
+            system = make_server(self._http.system_app, system_sock, opts)
+            await system.start(self._background)
+            self._servers.append(system)
 
     async def aclose(self) -> None:
         """Shut down: stop admitting, drain, stop what is left, stop the server. Idempotent.
@@ -234,12 +276,11 @@ class Serve:
             return
         self._closed = asyncio.get_running_loop().create_future()
         try:
-            self._router.state = Lifecycle.DRAINING
+            self.begin_shutdown()
             async with self._lock:  # a control call under way finishes first
                 await self._drain()
                 await asyncio.gather(*(b.aclose(force=True) for b in list(self._backends.values())))
-                if self._server is not None:
-                    await self._server.stop()
+                await asyncio.gather(*(server.stop() for server in self._servers))
                 await self._deletions.join()
             await self._handles.aclose()
             await self._router.aclose()

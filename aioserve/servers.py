@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from collections.abc import Generator
 from typing import Any, Protocol
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from ._concurrency import TaskOwner
 from .config import HTTPOptions
@@ -40,6 +42,57 @@ def bind(host: str, port: int) -> socket.socket:
             f"Pick another port (port=0 picks a free one) or stop what uses it."
         ) from exc
     return sock
+
+
+def guarded_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with a header timeout.
+
+    uvicorn never times out a connection that sends nothing, or a request head that trickles in
+    byte by byte, so idle and slowloris clients could hold every descriptor. Here a connection
+    must send a whole request head within ``header_timeout_s`` of opening and of each response
+    (uvicorn's own keep-alive timeout still closes idle connections sooner); else it is closed.
+    """
+
+    class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _header_timer: asyncio.TimerHandle | None = None
+        _seen_cycle: object = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            cycle = self.cycle
+            if cycle is not None and cycle is not self._seen_cycle:
+                self._seen_cycle = cycle  # a whole request head has arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._timed_out)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _timed_out(self) -> None:
+            self._header_timer = None
+            cycle = self.cycle
+            if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedProtocol
 
 
 class _Server(uvicorn.Server):
@@ -87,6 +140,10 @@ class UvicornServer:
             access_log=False,
             root_path=options.root_path,
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=max(1, math.ceil(options.keep_alive_timeout_s)),
+            limit_concurrency=options.max_connections,
+            h11_max_incomplete_event_size=options.max_header_bytes,
+            http=guarded_protocol(options.header_timeout_s),
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None

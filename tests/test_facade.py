@@ -24,8 +24,9 @@ WAIT_S = 20.0
 
 pytestmark = pytest.mark.usefixtures("no_instance_left")
 
-# The facade owns the lifecycle (start/shutdown on a loop thread), not the core's coroutines.
-CORE_LIFECYCLE = {"start", "aclose"}
+# The facade owns the lifecycle (start/shutdown on a loop thread), not the core's coroutines;
+# readiness and admission are for whoever runs the server loop (the command line, a host app).
+CORE_LIFECYCLE = {"start", "aclose", "begin_shutdown", "set_ready"}
 # Parameters the facade adds to a core operation: ``sync`` (API.md §4) and 0.8 keyword names.
 FACADE_EXTRAS = {"get_handle": {"sync"}, "create_backend": {"backend_config"}}
 

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "backend": 3,
     "handle": 4,
     "router": 4,
+    "inbox": 5,
     "http": 5,
     "servers": 6,
     "serve": 6,
