@@ -68,6 +68,7 @@ from .config import HTTPOptions
 from .deployment import Deployment, load_deployment
 from .exceptions import BindError, ConfigError, ConfigTypeError, DeploymentError
 from .serve import Serve
+from .servers import GuardedProtocol, uvicorn_limits
 
 __all__ = ["main"]
 
@@ -184,8 +185,17 @@ class _Target:
             port if port is not None else given.get("port", _DEFAULT_PORT),
         )
 
-    def make_serve(self, address: tuple[str, int] | None, kv_store_path: str | None) -> Serve:
-        """The instance to run; without an address it has no server of its own (a worker)."""
+    def make_serve(
+        self,
+        address: tuple[str, int] | None,
+        kv_store_path: str | None,
+        limits: dict[str, Any] | None = None,
+    ) -> Serve:
+        """The instance to run; without an address it has no server of its own (a worker).
+
+        ``limits`` are HTTP options given on the command line; they replace the target's.
+        """
+        limits = limits or {}
         if self.instance is not None:
             if kv_store_path is not None:
                 raise _CLIError(
@@ -194,17 +204,17 @@ class _Target:
                 )
             opts = self.instance.http_options
             if address is None:
-                new = dataclasses.replace(opts, location="NoServer")
+                new = dataclasses.replace(opts, location="NoServer", **limits)
             else:
                 host, port = address
-                new = dataclasses.replace(opts, host=host, port=port, location="HeadOnly")
+                new = dataclasses.replace(opts, host=host, port=port, location="HeadOnly", **limits)
             self.instance.http_options = new
             return self.instance
         if address is None:
-            options = HTTPOptions(location="NoServer", root_path=self.root_path)
+            options = HTTPOptions(location="NoServer", root_path=self.root_path, **limits)
         else:
             host, port = address
-            options = HTTPOptions(host=host, port=port, root_path=self.root_path)
+            options = HTTPOptions(host=host, port=port, root_path=self.root_path, **limits)
         return _new_serve(options, kv_store_path)
 
     async def populate(self, serve: Serve) -> None:
@@ -245,8 +255,13 @@ def _new_serve(options: HTTPOptions, kv_store_path: str | None) -> Serve:
 # -- one process -----------------------------------------------------------------------------------
 
 
-async def _run_one(target: _Target, address: tuple[str, int], kv_store_path: str | None) -> int:
-    serve = target.make_serve(address, kv_store_path)
+async def _run_one(
+    target: _Target,
+    address: tuple[str, int],
+    kv_store_path: str | None,
+    limits: dict[str, Any],
+) -> int:
+    serve = target.make_serve(address, kv_store_path, limits)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
@@ -278,11 +293,14 @@ async def _run_one(target: _Target, address: tuple[str, int], kv_store_path: str
 
 
 async def _start_and_populate(target: _Target, serve: Serve) -> None:
+    # Not ready (GET /-/ready answers 503) until the whole deployment is in place.
+    serve.set_ready(False)
     try:
         await serve.start()
     except BindError as exc:
         raise _CLIError(str(exc), 1) from exc
     await target.populate(serve)
+    serve.set_ready(True)
 
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:
@@ -402,19 +420,38 @@ class _WorkerApp:
 
     async def _start(self) -> Serve:
         target = _Target.load(self._settings["target"])
-        serve = target.make_serve(None, None)
+        serve = target.make_serve(None, None, self._settings["limits"])
         try:
-            await serve.start()
-            await target.populate(serve)
+            await _start_and_populate(target, serve)
         except BaseException:
             await serve.aclose()
             raise
+        _drain_on_signals(serve)
         return serve
+
+
+def _drain_on_signals(serve: Serve) -> None:
+    """In a worker: on SIGINT/SIGTERM stop admitting at once (503, not ready), then let
+    uvicorn's own handler shut the server down, which waits for the requests in flight."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(
+            signum: int, frame: Any, previous: Callable[[int, Any], Any] = previous
+        ) -> None:
+            loop.call_soon_threadsafe(serve.begin_shutdown)
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 def _worker_app() -> _WorkerApp:
     """uvicorn's app factory in each worker process (settings come from the environment)."""
     settings = json.loads(os.environ[_WORKER_ENV])
+    GuardedProtocol.header_timeout_s = HTTPOptions(**settings["limits"]).header_timeout_s
     _setup_logging(settings["log_level"])
     _cwd_on_path()
     return _WorkerApp(settings)
@@ -436,8 +473,10 @@ def _run_workers(target: _Target, args: argparse.Namespace, address: tuple[str, 
     host, port = address
     display = f"[{host}]" if ":" in host else host
     watcher = _ReadyWatcher(args.workers, f"http://{display}:{port}")
+    limits = _limits(args)
     settings = {
         "target": str(Path(target.spec).resolve()) if target.deployment else target.spec,
+        "limits": limits,
         "log_level": args.log_level,
         "notify_port": watcher.port,
         "token": watcher.token,
@@ -456,7 +495,10 @@ def _run_workers(target: _Target, args: argparse.Namespace, address: tuple[str, 
             log_level=args.log_level,
             access_log=False,
             root_path=target.root_path,
-            timeout_graceful_shutdown=5,
+            # Requests in flight at a signal drain for up to this long, as in one process.
+            timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+            # The protocol class crosses to the workers by name; its timeout is set there.
+            **{**uvicorn_limits(HTTPOptions(**limits)), "http": GuardedProtocol},
         )
     finally:
         watcher.close()
@@ -492,6 +534,34 @@ def _workers(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+_LIMIT_FLAGS = {
+    "max_body_bytes": "max_body_bytes",
+    "max_connections": "max_connections",
+    "header_timeout": "header_timeout_s",
+    "keep_alive_timeout": "keep_alive_timeout_s",
+}
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The HTTP options given as flags (the others keep the target's values)."""
+    given = {field: getattr(args, flag) for flag, field in _LIMIT_FLAGS.items()}
+    return {field: value for field, value in given.items() if value is not None}
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -522,6 +592,22 @@ def _parser() -> argparse.ArgumentParser:
         help="processes sharing the port (default 1)",
     )
     run.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="(default info)")
+    limits = run.add_argument_group("limits (default: the target's http options, else safe ones)")
+    limits.add_argument("--max-body-bytes", type=_count, metavar="N", help="413 past this")
+    limits.add_argument("--max-connections", type=_count, metavar="N", help="503 past this")
+    limits.add_argument(
+        "--header-timeout", type=_seconds, metavar="S", help="close slow or idle clients after S"
+    )
+    limits.add_argument(
+        "--keep-alive-timeout", type=_seconds, metavar="S", help="close idle keep-alive after S"
+    )
+    run.add_argument(
+        "--timeout-graceful-shutdown",
+        type=_seconds,
+        default=20.0,
+        metavar="S",
+        help="with --workers: how long a worker waits for requests in flight (default 20)",
+    )
     run.add_argument(
         "--kv-store-path", default=None, metavar="PATH", help="persist the state in this file"
     )
@@ -545,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run_workers(target, args, address)
         # uvloop when installed (aioserve[fast]), as uvicorn itself would choose.
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(_run_one(target, address, args.kv_store_path))
+            return runner.run(_run_one(target, address, args.kv_store_path, _limits(args)))
     except _CLIError as exc:
         _report(exc)
         return exc.code

@@ -22,7 +22,15 @@ from ._concurrency import TaskOwner
 from .config import HTTPOptions
 from .exceptions import BindError, ServeError
 
-__all__ = ["Server", "UvicornServer", "bind", "make_server"]
+__all__ = [
+    "GuardedProtocol",
+    "Server",
+    "UvicornServer",
+    "bind",
+    "guarded_protocol",
+    "make_server",
+    "uvicorn_limits",
+]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -44,7 +52,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def guarded_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+def uvicorn_limits(options: HTTPOptions) -> dict[str, Any]:
+    """The ``uvicorn.Config`` settings that enforce ``options``' connection limits."""
+    return {
+        "timeout_keep_alive": max(1, math.ceil(options.keep_alive_timeout_s)),
+        "limit_concurrency": options.max_connections,
+        "h11_max_incomplete_event_size": options.max_header_bytes,
+        "http": guarded_protocol(options.header_timeout_s),
+    }
+
+
+class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's HTTP protocol (httptools when installed, else h11) with a header timeout.
 
     uvicorn never times out a connection that sends nothing, or a request head that trickles in
@@ -53,46 +71,52 @@ def guarded_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
     (uvicorn's own keep-alive timeout still closes idle connections sooner); else it is closed.
     """
 
-    class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-        _header_timer: asyncio.TimerHandle | None = None
-        _seen_cycle: object = None
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+    _seen_cycle: object = None
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        cycle = self.cycle
+        if cycle is not None and cycle is not self._seen_cycle:
+            self._seen_cycle = cycle  # a whole request head has arrived
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
             self._arm()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            cycle = self.cycle
-            if cycle is not None and cycle is not self._seen_cycle:
-                self._seen_cycle = cycle  # a whole request head has arrived
-                self._disarm()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._timed_out)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._timed_out)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _timed_out(self) -> None:
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            cycle = self.cycle
-            if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
-                self.transport.close()
 
-    return GuardedProtocol
+    def _timed_out(self) -> None:
+        self._header_timer = None
+        cycle = self.cycle
+        if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """:class:`GuardedProtocol` with this header timeout (a subclass, so instances with other
+    timeouts in the same process keep theirs)."""
+    if header_timeout_s == GuardedProtocol.header_timeout_s:
+        return GuardedProtocol
+    return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout_s": header_timeout_s})
 
 
 class _Server(uvicorn.Server):
@@ -140,10 +164,7 @@ class UvicornServer:
             access_log=False,
             root_path=options.root_path,
             timeout_graceful_shutdown=5,
-            timeout_keep_alive=max(1, math.ceil(options.keep_alive_timeout_s)),
-            limit_concurrency=options.max_connections,
-            h11_max_incomplete_event_size=options.max_header_bytes,
-            http=guarded_protocol(options.header_timeout_s),
+            **uvicorn_limits(options),
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
