@@ -158,6 +158,7 @@ class UvicornServer:
         self._sock = sock
         config = uvicorn.Config(
             app,
+            interface="asgi3",
             lifespan="off",
             log_config=None,
             log_level="warning",
