@@ -9,10 +9,12 @@ import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from _processes import Running
 from _sample_backends import Gate
 
 import aioserve
@@ -130,3 +132,21 @@ def _sqlite_locked(path: str | os.PathLike[str]) -> Iterator[None]:
     finally:
         release.set()
         thread.join()
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    """Start ``python -m aioserve run ARGS`` (``extra_path=`` adds to its PYTHONPATH); every
+    process started is killed, with its workers, when the test ends."""
+    started: list[Running] = []
+
+    def start(*args: str, extra_path: Path | None = None) -> Running:
+        running = Running(list(args), tmp_path / f"stderr-{len(started)}.txt", extra_path)
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.close()

@@ -6,125 +6,22 @@ killed (with its workers: it runs in its own session) when the test ends.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from _processes import EXAMPLE_TOML, REPO, Running, _env, _free_port
 
 from aioserve import DeploymentError, cli
 from aioserve.deployment import load_deployment
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_TOML = "examples/deployment.toml"
-START_TIMEOUT_S = 20.0
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Running:
-    """One ``python -m aioserve run ...`` process, its stdout read line by line on a thread."""
-
-    def __init__(self, args: list[str], stderr_path: Path) -> None:
-        self.stderr_path = stderr_path
-        self._stderr = stderr_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aioserve", "run", *args],
-            cwd=REPO,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            start_new_session=True,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self.stdout: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    @property
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.stderr_path.read_text(errors="replace")
-
-    def url(self) -> str:
-        """Wait (bounded) for the "serving on" line and return its URL."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                pytest.fail(f"exited with {self.proc.wait()} before serving:\n{self.stderr}")
-            self.stdout.append(line)
-            found = re.search(r"aioserve is serving on (http://\S+)", line)
-            if found:
-                return found.group(1)
-        pytest.fail(f"no 'serving on' line within {START_TIMEOUT_S} s:\n{self.stderr}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Send ``sig`` and return the exit code."""
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=20)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        # Its workers share its process group: make sure none is left.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._stderr.close()
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-
-    def start(*args: str) -> Running:
-        running = Running(list(args), tmp_path / f"stderr-{len(started)}.txt")
-        started.append(running)
-        return running
-
-    try:
-        yield start
-    finally:
-        for running in started:
-            running.close()
 
 
 def _run_to_exit(*args: str, path: Path | None = None) -> subprocess.CompletedProcess[str]:
