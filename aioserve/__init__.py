@@ -57,6 +57,7 @@ from .exceptions import (
     StoreError,
 )
 from .handle import RayServeHandle, ServeHandle
+from .inbox import ServeRequest
 from .metrics import BackendStatistics
 from .policy import RoutePolicy
 from .serve import Serve
@@ -94,6 +95,7 @@ __all__ = [
     "Serve",
     "ServeError",
     "ServeHandle",
+    "ServeRequest",
     "ServeShutdown",
     "StoreError",
     "SyncServeHandle",

@@ -67,7 +67,9 @@ class Call:
     ``on_wait``, when set, is called once if the request has to wait (for a replica slot or a
     batch): the HTTP edge uses it to start watching for a client that goes away. ``lingering`` is
     set by a runner whose caller was cancelled while work it cannot interrupt goes on (a sync
-    handler on its thread): the replica's slot stays taken until that future is done. ``replica`` is
+    handler on its thread): the replica's slot stays taken until that future is done.
+    ``prefetch``, when set (HTTP), reads the request body into the request: a runner awaits it
+    before it hands the request to sync code, which cannot await the body itself. ``replica`` is
     the replica serving the request (a ``ReplicaContext``), set when a replica takes it.
     ``parent`` is the call being served when this one was made (a nested handle call), so the
     request id carries over.
@@ -83,6 +85,7 @@ class Call:
         "method",
         "on_wait",
         "parent",
+        "prefetch",
         "replica",
         "shard_key",
         "web",
@@ -111,6 +114,7 @@ class Call:
         self.web = web
         self.parent = parent
         self.on_wait: Callable[[], None] | None = None
+        self.prefetch: Callable[[], Awaitable[Any]] | None = None
         self.replica: Any = None
         self.lingering: asyncio.Future[Any] | None = None
 

@@ -426,6 +426,8 @@ class Backend:
             )
             if self.metrics is not None:
                 queue.on_batch = functools.partial(self.metrics.observe_batch, self.tag)
+        if call.prefetch is not None and not self.callable.is_async:
+            await call.prefetch()  # a sync batch handler reads bodies with get_data()
         if call.on_wait is not None:
             call.on_wait()
         return await queue.submit(call.args[0], call.deadline)

@@ -284,6 +284,21 @@ class PythonRequest:
 
     async def json(self) -> Any:
         """The positional argument, decoded if it is JSON text or bytes, else unchanged."""
+        return self.get_json()
+
+    @property
+    def data(self) -> Any:
+        """The positional argument, unchanged (Flask's name, for sync handlers)."""
+        return self._body
+
+    def get_data(self, as_text: bool = False) -> Any:
+        """The positional argument (bytes decoded as UTF-8 with ``as_text=True``)."""
+        if as_text and isinstance(self._body, bytes | bytearray):
+            return bytes(self._body).decode("utf-8")
+        return self._body
+
+    def get_json(self) -> Any:
+        """The positional argument, decoded if it is JSON text or bytes, else unchanged."""
         if isinstance(self._body, str | bytes | bytearray):
             return json.loads(self._body)
         return self._body

@@ -44,7 +44,7 @@ from .exceptions import (
     ReplicaStopped,
     ServeShutdown,
 )
-from .inbox import Inbox
+from .inbox import Inbox, ServeRequest
 
 if TYPE_CHECKING:
     from .router import Endpoint, Router
@@ -335,8 +335,9 @@ class HTTPApp:
         task = current_task(self.loop)
         assert task is not None  # an ASGI app always runs in a task
         inbox = Inbox(task, receive, self._watchers, self._max_body_bytes)
-        request = Request(scope, inbox.receive, send)
+        request = ServeRequest(scope, inbox.receive, send)
         call.args = (request,)
+        call.prefetch = request.body
         try:
             query = scope.get("query_string", b"")
             if query and b"slo_ms" in query:

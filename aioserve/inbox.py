@@ -1,4 +1,5 @@
-"""The request's ``receive`` as the handler sees it: body size counted, client watched.
+"""The request as a handler sees it: :class:`ServeRequest`, and its ``receive``, with the body's
+size counted and the client watched.
 
 :class:`Inbox` wraps the server's ``receive``. The handler reads the body through it (streamed,
 chunk by chunk, if it wants); past ``max_body_bytes`` it raises :class:`BodyTooLarge` (HTTP 413).
@@ -9,13 +10,57 @@ disconnects, at any point of the request, while reading ahead no more than one b
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
+
+from starlette.requests import Request
 
 from ._concurrency import TaskOwner
 from ._types import Message, Receive
 from .exceptions import BodyTooLarge
 
-__all__ = ["Inbox"]
+__all__ = ["Inbox", "ServeRequest"]
+
+
+class ServeRequest(Request):
+    """The Starlette ``Request`` a handler gets over HTTP, plus Flask's synchronous readers.
+
+    Async handlers ``await request.body()`` / ``await request.json()`` or stream
+    ``request.stream()``. A sync handler cannot await: its body is read before it runs (up to
+    ``max_body_bytes``), and it reads it the way the legacy documents' Flask requests did:
+    ``request.data`` / ``request.get_data()`` (bytes, or text with ``as_text=True``),
+    ``request.get_json()`` (parsed; invalid JSON is the client's error, HTTP 400), and
+    ``request.args`` (the query parameters).
+    """
+
+    def __repr__(self) -> str:
+        return f"<ServeRequest {self.method} {self.url.path!r}>"
+
+    @property
+    def args(self) -> Any:
+        """The query parameters (Flask's name for ``query_params``)."""
+        return self.query_params
+
+    @property
+    def data(self) -> bytes:
+        """The whole body. In a sync handler it is always there; in an async one, only after
+        ``await request.body()`` (else ``RuntimeError``)."""
+        body: bytes | None = getattr(self, "_body", None)
+        if body is None:
+            raise RuntimeError(
+                "The request body has not been read: in an async handler, use "
+                "'await request.body()' or 'await request.json()'; request.data and "
+                "request.get_json() are for sync handlers, whose body is read before they run."
+            )
+        return body
+
+    def get_data(self, as_text: bool = False) -> bytes | str:
+        """The whole body as bytes, or decoded as UTF-8 text with ``as_text=True``."""
+        return self.data.decode("utf-8") if as_text else self.data
+
+    def get_json(self) -> Any:
+        """The body parsed as JSON (``json.JSONDecodeError`` -> HTTP 400)."""
+        return json.loads(self.data)
 
 
 class Inbox:

@@ -182,6 +182,8 @@ class InProcessRunner:
             return result
         if kind is _ASYNC_GEN:
             return _AsyncStream(self, fn(*args, **kwargs))
+        if call.prefetch is not None:
+            await call.prefetch()  # sync code reads the body with request.get_data()
         result = await self._call_sync(call, fn, args, kwargs)
         if kind is _SYNC_GEN or inspect.isgenerator(result):
             return _ThreadStream(self, result)

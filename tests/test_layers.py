@@ -53,7 +53,7 @@ LAYERS: dict[str, int] = {
 
 # Third-party packages allowed only in some modules (at run time; TYPE_CHECKING imports are free).
 # cli runs uvicorn's own process manager for --workers.
-CONFINED = {"starlette": {"http", "router"}, "uvicorn": {"servers", "cli"}}
+CONFINED = {"starlette": {"http", "inbox", "router"}, "uvicorn": {"servers", "cli"}}
 
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 
