@@ -97,6 +97,18 @@ class WaitQueue(Generic[T]):
         self._forget(waiter)
         return True
 
+    def head(self) -> Waiter[T] | None:
+        """The live entry :meth:`pop` would take next (expiry aside), without taking it."""
+        live = self._live
+        while self._heap:
+            waiter = self._heap[0][2]
+            if waiter.seq in live and not waiter.future.done():
+                return waiter
+            heapq.heappop(self._heap)
+            if live.pop(waiter.seq, None) is not None:
+                self._forget(waiter)
+        return None
+
     def pop(self, now: float) -> Waiter[T] | None:
         """Take the live entry with the earliest deadline; entries past theirs fail on the way."""
         heap = self._heap

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._concurrency import TaskOwner
+from ._streams import HeldStream
 from ._types import Call, Lifecycle, Runner, Stream
 from ._waitqueue import WaitQueue
 from .batching import BatchQueue
@@ -91,6 +92,7 @@ class Backend:
         self._waiting.on_change = self._check_drained
         self._batch_queues: dict[str | None, BatchQueue[Any, Any]] = {}
         self._retiring = TaskOwner(f"backend {tag!r} drains")
+        self._streams = TaskOwner(f"backend {tag!r} stream closes")
         self._draining: set[_Replica] = set()  # out of routing, still finishing calls
         self._drained: asyncio.Event | None = None
 
@@ -293,6 +295,7 @@ class Backend:
             replica.routed = False
             replica.runner.kill()
         await self._retiring.aclose()
+        await self._streams.join()
         await asyncio.gather(*(r.runner.aclose() for r in self.replicas))
         self.state = Lifecycle.STOPPED
 
@@ -321,7 +324,12 @@ class Backend:
             result = await replica.runner.call(call)
             if isinstance(result, Stream):
                 kept = True
-                return _HeldStream(result, functools.partial(self._release, replica))
+                return HeldStream(
+                    result,
+                    functools.partial(self._release, replica),
+                    asyncio.get_running_loop(),
+                    self._streams,
+                )
             return result
         finally:
             lingering = call.lingering
@@ -371,10 +379,37 @@ class Backend:
             self.metrics.observe_queue_wait(self.tag, loop.time() - waiter.arrival)
         return replica
 
+    def _waiting_first(self, method: str | None) -> bool:
+        """Whether a request waiting for a slot came first (by deadline, then arrival) to the
+        oldest item queued for a batch of ``method``."""
+        head = self._waiting.head()
+        if head is None:
+            return False
+        queue = self._batch_queues.get(method)
+        first = queue.head_key() if queue is not None else None
+        return first is None or (head.deadline, head.arrival) <= first
+
+    def _batch_first(self) -> bool:
+        """Whether an item queued for a batch came before every request waiting for a slot."""
+        head = self._waiting.head()
+        if head is None:
+            return True
+        key = (head.deadline, head.arrival)
+        for queue in self._batch_queues.values():
+            first = queue.head_key()
+            if first is not None and first < key:
+                return True
+        return False
+
     def _release(self, replica: _Replica) -> None:
         """A call on ``replica`` is over: pass its slot to a waiter, or free it."""
         waiting = self._waiting
-        if len(waiting) and replica.routed and replica.in_flight <= replica.limit:
+        if (
+            len(waiting)
+            and replica.routed
+            and replica.in_flight <= replica.limit
+            and not (self._batch_queues and self._batch_first())
+        ):
             waiter = waiting.pop(asyncio.get_running_loop().time())
             if waiter is not None:
                 waiter.future.set_result(replica)
@@ -435,7 +470,7 @@ class Backend:
     def _acquire_for_batch(self, method: str | None) -> _Replica | None:
         """A slot for a batch of ``method``: on a replica running no batch of it (a replica
         takes one batch of a method at a time), after every request waiting for a slot."""
-        if len(self._waiting) or self.state is not _RUNNING:
+        if self.state is Lifecycle.STOPPED or self._waiting_first(method):
             return None
         best: _Replica | None = None
         best_load = 1 << 62
@@ -461,42 +496,6 @@ class Backend:
         finally:
             replica.batching.discard(method)
             self._batch_queues[method].wake()
-
-
-class _HeldStream(Stream):
-    """A runner's stream that gives its replica slot back when it ends or is closed."""
-
-    __slots__ = ("_release", "_stream")
-
-    def __init__(self, stream: Stream, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release: Callable[[], None] | None = release
-
-    async def __anext__(self) -> Any:
-        if self._release is None:
-            raise StopAsyncIteration
-        try:
-            return await self._stream.__anext__()
-        except BaseException:
-            await self.aclose()
-            raise
-
-    async def aclose(self) -> None:
-        release, self._release = self._release, None
-        if release is None:
-            return
-        try:
-            await self._stream.aclose()
-        finally:
-            release()
-
-    def __del__(self) -> None:
-        # Dropped without being read to the end: the slot must not stay taken.
-        release = self._release
-        if release is not None:
-            self._release = None
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().call_soon(release)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:

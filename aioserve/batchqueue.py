@@ -213,6 +213,11 @@ class BatchQueue(Generic[T, R]):
         self._waiting.max_len = bound
         self._notify()
 
+    def head_key(self) -> tuple[float, float] | None:
+        """``(deadline, arrival)`` of the item the next batch starts with, or None if empty."""
+        head = self._waiting.head()
+        return None if head is None else (head.deadline, head.arrival)
+
     def wake(self) -> None:
         """Capacity may have returned (see ``acquire``): look again."""
         if len(self._waiting):

@@ -135,6 +135,12 @@ class UserCallable:
         if cached is None:
             if not self.is_class:
                 cached = self.accepts_batches
+            elif (
+                method is not None and method != "__call__" and not _reachable(self.target, method)
+            ):
+                # Not a method a caller may reach: no batch queue and nothing cached for a
+                # name a client chose (the call fails with MethodNotFound).
+                return False
             else:
                 # The class's mark covers every method; otherwise the method's own mark decides.
                 name = "__call__" if method is None else method
@@ -219,7 +225,8 @@ def _reachable(cls: type, name: str) -> bool:
     property or other descriptor of the class is evaluated."""
     if name.startswith("_") or name in LIFECYCLE_HOOKS:
         return False
-    static = inspect.getattr_static(cls, name, _MISSING)
+    # The class and its bases only: never the metaclass (``mro``, ABCMeta's ``register``).
+    static = next((vars(k)[name] for k in cls.__mro__ if name in vars(k)), _MISSING)
     if static is _MISSING or inspect.isclass(static) or isinstance(static, property):
         return False
     return callable(static) or isinstance(static, staticmethod | classmethod)

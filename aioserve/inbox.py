@@ -10,6 +10,7 @@ disconnects, at any point of the request, while reading ahead no more than one b
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from typing import Any
 
@@ -19,7 +20,10 @@ from ._concurrency import TaskOwner
 from ._types import Message, Receive
 from .exceptions import BodyTooLarge
 
-__all__ = ["Inbox", "ServeRequest"]
+__all__ = ["SPOOL_BYTES", "Inbox", "ServeRequest"]
+
+SPOOL_BYTES = 1024 * 1024
+"""How much of a body the disconnect watcher holds for a handler that has not read it yet."""
 
 
 class ServeRequest(Request):
@@ -69,9 +73,12 @@ class Inbox:
 
     The handler reads the body through :meth:`receive`. The watcher starts only when that can
     matter (the request has to wait, or has run through a sweep interval); from then on it is
-    the one reader of the server's ``receive``: it hands body messages to the handler one at a
-    time (it reads ahead at most one, so a large upload is never buffered here) and cancels the
-    task on ``http.disconnect``, at any point of the request.
+    the one reader of the server's ``receive`` until the request is answered: it spools body
+    messages for the handler, up to :data:`SPOOL_BYTES` (or ``max_body_bytes`` if smaller), so
+    that it still sees a client that goes away during an upload while the request waits, and
+    cancels the task on ``http.disconnect``. With the spool full it waits for the handler to
+    read. Once the request is answered (a streaming response may still read the body) the
+    handler reads the server's ``receive`` directly again, spooled messages first.
     """
 
     __slots__ = (
@@ -81,11 +88,13 @@ class Inbox:
         "_reading",
         "_ready",
         "_receive",
+        "_spool",
+        "_spool_cap",
+        "_spooled",
         "_start_after_read",
         "_stopped",
         "_taken",
         "_task",
-        "_unread",
         "_watcher",
         "disconnected",
         "seen",
@@ -104,7 +113,11 @@ class Inbox:
         self._receive = receive
         self._owner = owner
         self._watcher: asyncio.Task[None] | None = None
-        self._unread: Message | None = None  # read ahead by the watcher, not yet taken
+        self._spool: collections.deque[Message] = collections.deque()
+        self._spooled = 0
+        self._spool_cap = (
+            SPOOL_BYTES if max_body_bytes is None else min(SPOOL_BYTES, max_body_bytes)
+        )
         self._ready: asyncio.Event | None = None
         self._taken: asyncio.Event | None = None
         self._reading = False  # the handler is inside the server's receive()
@@ -124,26 +137,31 @@ class Inbox:
         return message
 
     async def _next(self) -> Message:
-        if self._watcher is None:
-            self._reading = True
-            try:
-                return await self._receive()
-            finally:
-                self._reading = False
-                if self._start_after_read:
-                    self._start_after_read = False
-                    self.start()
-        ready, taken = self._ready, self._taken
-        assert ready is not None and taken is not None  # made when the watcher started
-        while self._unread is None:
-            if self._watcher.done():
-                # The watcher has stopped (the request is over): nothing more will come.
-                return {"type": "http.disconnect"}
+        while True:
+            spool = self._spool
+            if spool:
+                message = spool.popleft()
+                self._spooled -= len(message.get("body", b""))
+                if self._taken is not None:
+                    self._taken.set()
+                return message
+            watcher = self._watcher
+            if watcher is None or self._stopped or watcher.done():
+                return await self._read_directly()
+            ready = self._ready
+            assert ready is not None  # made when the watcher started
             await ready.wait()
             ready.clear()
-        message, self._unread = self._unread, None
-        taken.set()
-        return message
+
+    async def _read_directly(self) -> Message:
+        self._reading = True
+        try:
+            return await self._receive()
+        finally:
+            self._reading = False
+            if self._start_after_read:
+                self._start_after_read = False
+                self.start()
 
     def start(self) -> None:
         """Start watching (idempotent; never once the request is answered)."""
@@ -166,14 +184,17 @@ class Inbox:
                 self.disconnected = True
                 self._task.cancel()
                 return
-            self._unread = message
+            self._spool.append(message)
+            self._spooled += len(message.get("body", b""))
             ready.set()
-            if message.get("more_body", False):
+            while message.get("more_body", False) and self._spooled >= self._spool_cap:
                 taken.clear()
-                await taken.wait()  # read ahead no more than one message
+                await taken.wait()  # the spool is full: wait until the handler reads
 
     def stop(self) -> None:
-        """The request is answered (or failed): stop watching."""
+        """The request is answered (or failed): stop watching; later reads go direct."""
         self._stopped = True
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._ready is not None:
+            self._ready.set()  # a read waiting on the watcher reads directly now

@@ -117,6 +117,16 @@ class InProcessRunner:
             replica_var.reset(token)
             call_var.reset(call_token)
 
+    @property
+    def killed(self) -> bool:
+        """Whether :meth:`kill` has been called."""
+        return self._killed
+
+    def check_alive(self) -> None:
+        """Raise :class:`ReplicaStopped` once :meth:`kill` has been called."""
+        if self._killed:
+            raise ReplicaStopped(f"Replica {self.replica_tag} was stopped during the stream.")
+
     def kill(self) -> None:
         """Cancel the async calls running now; they fail with :class:`ReplicaStopped`."""
         self._killed = True
@@ -259,12 +269,24 @@ class _AsyncStream(Stream):
         self._items = items
 
     async def __anext__(self) -> Any:
-        token = self._runner._enter()
+        runner = self._runner
+        runner.check_alive()
+        task = current_task(runner._loop)
+        assert task is not None  # always called from a task: we are in a coroutine
+        runner._running.add(task)  # kill() cancels a step under way
+        token = runner._enter()
         try:
             return await anext(self._items)
+        except asyncio.CancelledError:
+            if runner.killed and task.uncancel() == 0:
+                raise ReplicaStopped(
+                    f"Replica {runner.replica_tag} was stopped during the stream."
+                ) from None
+            raise
         finally:
             if token is not None:
                 replica_var.reset(token)
+            runner._running.discard(task)
 
     async def aclose(self) -> None:
         aclose = getattr(self._items, "aclose", None)

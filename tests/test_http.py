@@ -619,7 +619,8 @@ async def test_no_client_reaches_lifecycle_hooks_properties_or_attributes(
     serve: Serve, http: httpx.AsyncClient
 ) -> None:
     await deploy(serve, "guarded", Guarded)
-    for name in ("reconfigure", "expensive", "helper", "__init__", "__class__", "__call__x"):
+    names = ("reconfigure", "expensive", "helper", "__init__", "__class__", "__call__x", "mro")
+    for name in names:
         r = await http.get("/guarded", headers={"X-Serve-Call-Method": name})
         assert r.status_code == 404, (name, r.status_code, r.text)
         with pytest.raises(aioserve.MethodNotFound):

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "_importer": 1,
     "policy": 2,
     "_waitqueue": 2,
+    "_streams": 2,
     "batchqueue": 2,
     "batching": 2,
     "callable": 2,
