@@ -20,6 +20,7 @@ import inspect
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
+from types import GeneratorType
 from typing import Any
 
 from ._concurrency import ReplicaThread, current_task
@@ -186,8 +187,27 @@ class InProcessRunner:
         if mode:
             args, kwargs = adapt(mode, args, kwargs)
         if kind is _ASYNC:
-            result = await self._call_async(fn, args, kwargs)
-            if inspect.isgenerator(result):  # an async handler that returned a sync generator
+            # Inline, not a helper coroutine: this is the hot path (one frame less per call).
+            task = current_task(self._loop)
+            assert task is not None  # always called from a task: we are in a coroutine
+            self._running.add(task)
+            token = self._enter()
+            owner_token = queue_owner.set(self._owning) if self._uses_batch_decorator else None
+            try:
+                result = await fn(*args, **kwargs)
+            except asyncio.CancelledError:
+                if self._killed and task.uncancel() == 0:
+                    raise ReplicaStopped(
+                        f"Replica {self.replica_tag} was stopped while serving the request."
+                    ) from None
+                raise
+            finally:
+                if owner_token is not None:
+                    queue_owner.reset(owner_token)
+                if token is not None:
+                    replica_var.reset(token)
+                self._running.discard(task)
+            if type(result) is GeneratorType:  # an async handler that returned a sync generator
                 return _ThreadStream(self, result)
             return result
         if kind is _ASYNC_GEN:
@@ -198,29 +218,6 @@ class InProcessRunner:
         if kind is _SYNC_GEN or inspect.isgenerator(result):
             return _ThreadStream(self, result)
         return result
-
-    async def _call_async(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        task = current_task(self._loop)
-        assert task is not None  # always called from a task: we are in a coroutine
-        self._running.add(task)
-        token = self._enter()
-        owner_token = queue_owner.set(self._owning) if self._uses_batch_decorator else None
-        try:
-            return await fn(*args, **kwargs)
-        except asyncio.CancelledError:
-            if self._killed and task.uncancel() == 0:
-                raise ReplicaStopped(
-                    f"Replica {self.replica_tag} was stopped while serving the request."
-                ) from None
-            raise
-        finally:
-            if owner_token is not None:
-                queue_owner.reset(owner_token)
-            if token is not None:
-                replica_var.reset(token)
-            self._running.discard(task)
 
     async def _call_sync(
         self, call: Call, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
