@@ -93,6 +93,7 @@ class Backend:
         self._retiring = TaskOwner(f"backend {tag!r} drains")
         self._draining: set[_Replica] = set()  # out of routing, still finishing calls
         self._drained: asyncio.Event | None = None
+        self._rotation = 0  # where the next replica search starts (see _acquire)
 
     def __repr__(self) -> str:
         return (
@@ -332,10 +333,27 @@ class Backend:
                 self._release(replica)
 
     def _acquire(self) -> _Replica | None:
-        """Take a slot on the least-loaded routed replica with one free, or return None."""
+        """Take a slot on the least-loaded routed replica with one free, or return None.
+
+        Among equally loaded replicas the choice rotates: the search starts one replica further
+        on each time, and the first of the least loaded from there wins, so every replica serves
+        under light load too (a search always starting at the first would send it all there).
+        """
+        replicas = self.replicas
+        count = len(replicas)
+        if count == 1:  # the common case: no search, no rotation
+            replica = replicas[0]
+            if replica.in_flight < replica.limit:
+                replica.in_flight += 1
+                return replica
+            return None
+        if not count:
+            return None
+        start = self._rotation = (self._rotation + 1) % count
         best: _Replica | None = None
         best_load = 1 << 62
-        for replica in self.replicas:
+        for i in range(start, start + count):
+            replica = replicas[i % count]
             n = replica.in_flight
             if n < best_load and n < replica.limit:
                 best, best_load = replica, n
