@@ -32,7 +32,7 @@ from .api import (
 from .batching import accept_batch, batch
 from .callable import PythonRequest
 from .client import Client, RayServeSyncHandle, SyncServeHandle
-from .config import BackendConfig, HTTPOptions
+from .config import BackendConfig, BackendInfo, DeploymentMode, HTTPOptions
 from .context import ReplicaContext, context, get_replica_context
 from .exceptions import (
     BackendError,
@@ -66,6 +66,7 @@ __all__ = [
     "BackendConfig",
     "BackendError",
     "BackendInUse",
+    "BackendInfo",
     "BackendNotFound",
     "BackendStatistics",
     "BatchError",
@@ -75,6 +76,7 @@ __all__ = [
     "ConfigTypeError",
     "DeadlineExceeded",
     "DeploymentError",
+    "DeploymentMode",
     "EndpointNotFound",
     "HTTPOptions",
     "Lifecycle",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from ._types import Call, Lifecycle, Runner, Stream
 from ._waitqueue import WaitQueue
 from .batching import BatchQueue
 from .callable import UserCallable
-from .config import BackendConfig
+from .config import BackendConfig, BackendInfo
 from .context import call_var
 from .exceptions import ConfigTypeError, DeadlineExceeded, ServeShutdown
 from .metrics import BackendStatistics, Metrics
@@ -121,15 +120,17 @@ class Backend:
 
     def resolved_config(self) -> BackendConfig:
         """The config with ``max_concurrent_queries`` resolved, as get_backend_config reports it."""
-        return dataclasses.replace(self.config, max_concurrent_queries=self.max_concurrent_queries)
+        return self.config.with_resolved_concurrency(is_async=self.callable.is_async)
 
-    def info(self) -> dict[str, Any]:
-        """The plain dict list_backends shows for this backend."""
-        out: dict[str, Any] = {
-            "accepts_batches": self.callable.accepts_batches,
-            "num_replicas": self.config.num_replicas,
-            "max_batch_size": self.config.max_batch_size,
-        }
+    def info(self) -> BackendInfo:
+        """The dict list_backends shows for this backend (its keys are attributes too)."""
+        out = BackendInfo(
+            {
+                "accepts_batches": self.callable.accepts_batches,
+                "num_replicas": self.config.num_replicas,
+                "max_batch_size": self.config.max_batch_size,
+            }
+        )
         out.update(self.resolved_config().to_dict())
         return out
 

@@ -358,14 +358,15 @@ class Serve:
     ) -> None:
         """Change a live backend's config; returns once the change is in force.
 
-        A dict changes only the fields it names; a BackendConfig replaces the whole config.
+        Only the fields the caller gave change: a dict's keys, or the fields set explicitly on a
+        ``BackendConfig`` (given to its constructor or assigned since, as in 1.x).
         """
         async with self._lock:
             self._check_running()
             backend = self._backend(backend_tag)
             new = backend.config.updated(config_options)
             if isinstance(config_options, BackendConfig):
-                reconfigure = config_options.user_config is not None
+                reconfigure = "user_config" in config_options.fields_set
             else:
                 reconfigure = "user_config" in config_options
             record = self._records.get(backend_tag)
