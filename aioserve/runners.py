@@ -65,6 +65,8 @@ class InProcessRunner:
         # method -> (bound handler, kind, {number of positional args: call mode})
         self._methods: dict[str | None, tuple[Callable[..., Any], Kind, dict[int, Any]]] = {}
         self._running: set[asyncio.Task[Any]] = set()
+        # Callers waiting for a sync call on the replica's thread (kill() lets them go).
+        self._waiting_on_thread: set[asyncio.Future[Any]] = set()
         self._batch_queues: list[BatchQueue[Any, Any]] = []
         self._killed = False
         self._closed = False
@@ -118,10 +120,19 @@ class InProcessRunner:
             call_var.reset(call_token)
 
     def kill(self) -> None:
-        """Cancel the async calls running now; they fail with :class:`ReplicaStopped`."""
+        """Stop serving at once: the async calls running now are cancelled, and the callers
+        waiting on the replica's thread (running or queued there) stop waiting; all of them fail
+        with :class:`ReplicaStopped`.
+
+        A thread cannot be killed: a sync handler that is running goes on until it returns, on its
+        own; its result is discarded and the replica's thread ends after it. Calls queued behind it
+        never run.
+        """
         self._killed = True
         for task in list(self._running):
             task.cancel()
+        for waiter in list(self._waiting_on_thread):
+            waiter.cancel()  # also cancels the thread's future if it has not started yet
 
     async def aclose(self) -> None:
         """Stop: close the batch queues user code made, drop queued thread calls. Idempotent."""
@@ -216,17 +227,24 @@ class InProcessRunner:
         ctx = contextvars.copy_context()
         ctx.run(self._enter)  # a variable it sets stays in the thread's copy
         future = self._submit(ctx, fn, *args, **kwargs)
+        waiter = asyncio.wrap_future(future)
+        self._waiting_on_thread.add(waiter)
         try:
-            return await asyncio.wrap_future(future)
+            return await waiter
         except asyncio.CancelledError:
-            if future.cancelled() and self._killed:
+            task = current_task(self._loop)
+            if self._killed and (task is None or not task.cancelling()):
+                # kill() let go of the call (the caller itself was not cancelled): the caller
+                # learns at once; a thread stuck in the handler is left to finish on its own.
                 raise ReplicaStopped(
-                    f"Replica {self.replica_tag} was stopped before it ran the request."
+                    f"Replica {self.replica_tag} was stopped while serving the request."
                 ) from None
             if not future.done():
                 # The thread may be running it: the slot stays taken until the thread is done.
                 call.lingering = asyncio.wrap_future(future)
             raise
+        finally:
+            self._waiting_on_thread.discard(waiter)
 
     def _submit(
         self, ctx: contextvars.Context, fn: Callable[..., Any], *args: Any, **kwargs: Any
