@@ -93,6 +93,7 @@ class Backend:
         self._draining: set[_Replica] = set()  # out of routing, still finishing calls
         self._drained: asyncio.Event | None = None
         self._rotation = 0  # where the next replica search starts (see _acquire)
+        self._batching = user_callable.batches_with(config)
 
     def __repr__(self) -> str:
         return (
@@ -126,7 +127,7 @@ class Backend:
         """The dict list_backends shows for this backend (its keys are attributes too)."""
         out = BackendInfo(
             {
-                "accepts_batches": self.callable.accepts_batches,
+                "accepts_batches": self._batching,
                 "num_replicas": self.config.num_replicas,
                 "max_batch_size": self.config.max_batch_size,
             }
@@ -224,6 +225,7 @@ class Backend:
                 )
             raise
         self.config = new
+        self._batching = self.callable.batches_with(new)
         self._waiting.max_len = new.max_queued_queries
         limit = self.max_concurrent_queries
         replicas = self.replicas + added
@@ -304,7 +306,7 @@ class Backend:
             raise DeadlineExceeded(
                 f"The request's deadline passed before backend {self.tag!r} could start it."
             )
-        if self.callable.accepts_batches and self.callable.method_accepts_batches(call.method):
+        if self._batching and self.callable.method_accepts_batches(call.method):
             return await self._call_batched(call)
         replica = None if len(self._waiting) else self._acquire()
         if replica is None:

@@ -67,7 +67,9 @@ _NO_KWARGS: dict[str, Any] = {}  # never mutated: only ever unpacked with **
 class UserCallable:
     """A backend's function or class, analysed once and shared by all its replicas."""
 
-    def __init__(self, target: Any, init_args: tuple[Any, ...] = ()) -> None:
+    def __init__(
+        self, target: Any, init_args: tuple[Any, ...] = (), *, from_import_path: bool = False
+    ) -> None:
         if inspect.isclass(target):
             self.is_class = True
             call = getattr(target, "__call__", None)  # noqa: B004
@@ -106,6 +108,9 @@ class UserCallable:
                 if name == "__call__" or not name.startswith("_")
             )
         )
+        # Ray 1.3 took a backend given by import path to accept batches (the decorator cannot be
+        # seen from the config file that names it): see batches_with.
+        self.from_import_path = from_import_path
         self.has_reconfigure = self.is_class and callable(getattr(target, "reconfigure", None))
         self.uses_batch_decorator = _uses_batch_decorator(target)
         self._modes: dict[tuple[Any, ...], _Mode] = {}
@@ -116,9 +121,15 @@ class UserCallable:
         """Whether the main entry point (the function, or the class's ``__call__``) is async."""
         return self.kind is Kind.ASYNC or self.kind is Kind.ASYNC_GEN
 
+    def batches_with(self, config: BackendConfig) -> bool:
+        """Whether calls take the batch path under ``config``: always for a callable marked with
+        ``@accept_batch``; for an unmarked one given by import path (taken to accept batches, as
+        in 1.3) only when ``max_batch_size > 1``, so without it calls pass as given."""
+        return self.accepts_batches or (self.from_import_path and (config.max_batch_size or 1) > 1)
+
     def check_config(self, tag: str, config: BackendConfig) -> None:
         """Check the config rules that need the callable too (raises :class:`ConfigError`)."""
-        if (config.max_batch_size or 1) > 1 and not self.accepts_batches:
+        if (config.max_batch_size or 1) > 1 and not self.batches_with(config):
             raise ConfigError(
                 f"Backend {tag!r}: max_batch_size={config.max_batch_size!r} needs a callable that "
                 f"accepts batches; mark {self.name} with @serve.accept_batch."
@@ -133,7 +144,9 @@ class UserCallable:
         """Whether calls to ``method`` (None: the default entry point) take lists."""
         cached = self._method_batches.get(method)
         if cached is None:
-            if not self.is_class:
+            if not self.accepts_batches and self.from_import_path:
+                cached = True  # every method, when its config batches (batches_with)
+            elif not self.is_class:
                 cached = self.accepts_batches
             else:
                 # The class's mark covers every method; otherwise the method's own mark decides.

@@ -305,7 +305,16 @@ class Serve:
         if isinstance(target, str):
             # Importing runs the user's module code: never on the event loop.
             target = await asyncio.to_thread(import_attr, target)
-        user_callable = UserCallable(target, tuple(init_args))
+        try:
+            user_callable = UserCallable(
+                target, tuple(init_args), from_import_path=isinstance(func_or_class, str)
+            )
+        except ConfigTypeError as exc:
+            if not isinstance(func_or_class, str):
+                raise
+            raise ConfigTypeError(
+                f"The import path {func_or_class!r} does not name a function or a class: {exc}"
+            ) from exc
         # With persistence on, what cannot be stored is refused now, before anything starts.
         record = (
             BackendRecord.of(backend_tag, func_or_class, init_args, cfg)
