@@ -55,7 +55,7 @@ from .exceptions import (
     ServeShutdown,
     StoreError,
 )
-from .handle import RayServeHandle, ServeHandle
+from .handle import RayServeHandle, ServeFuture, ServeHandle
 from .metrics import BackendStatistics
 from .policy import RoutePolicy
 from .serve import Serve
@@ -93,6 +93,7 @@ __all__ = [
     "RoutePolicy",
     "Serve",
     "ServeError",
+    "ServeFuture",
     "ServeHandle",
     "ServeShutdown",
     "StoreError",

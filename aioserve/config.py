@@ -27,6 +27,7 @@ __all__ = [
     "HTTPOptions",
     "HandleOptions",
     "Location",
+    "check_http_method",
     "check_int",
     "check_seconds",
     "check_slo",
@@ -372,10 +373,38 @@ def deadline_from(
     return deadline
 
 
-class HandleOptions:
-    """The per-handle call options; immutable, shared by handles made from each other."""
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
-    __slots__ = ("absolute_slo_ms", "method_name", "missing_ok", "relative_slo_ms", "shard_key")
+
+def check_http_method(value: object) -> str:
+    """Return ``value`` upper-cased if it is an HTTP method (an RFC 9110 token); else raise."""
+    if not isinstance(value, str):
+        raise ConfigTypeError(f"An HTTP method must be a str, got {value!r}.")
+    if not _TOKEN.fullmatch(value):
+        raise ConfigError(
+            f"{value!r} is not an HTTP method: a method is a non-empty token of letters, digits "
+            f"and !#$%&'*+-.^_`|~ (no spaces), such as 'GET' or 'POST'."
+        )
+    return value.upper()
+
+
+class HandleOptions:
+    """The per-handle call options; immutable, shared by handles made from each other.
+
+    ``http_method`` and ``http_headers`` (1.2) are what a legacy handler reached through the
+    handle sees as ``request.method`` and ``request.headers`` on its Python-side request.
+    """
+
+    _FIELDS = (
+        "absolute_slo_ms",
+        "http_headers",
+        "http_method",
+        "method_name",
+        "missing_ok",
+        "relative_slo_ms",
+        "shard_key",
+    )
+    __slots__ = (*_FIELDS, "http")
 
     def __init__(
         self,
@@ -384,20 +413,37 @@ class HandleOptions:
         relative_slo_ms: float | None = None,
         absolute_slo_ms: float | None = None,
         missing_ok: bool = False,
+        http_method: str | None = None,
+        http_headers: Mapping[str, str] | None = None,
     ) -> None:
         if method_name is not None and not isinstance(method_name, str):
             raise ConfigTypeError(f"method_name must be a str or None, got {method_name!r}.")
         if shard_key is not None and not isinstance(shard_key, str | int | bytes):
             raise ConfigTypeError(f"shard_key must be a str or None, got {shard_key!r}.")
+        if http_headers is not None and (
+            not isinstance(http_headers, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in http_headers.items())
+        ):
+            raise ConfigTypeError(
+                f"http_headers must be a dict of str to str or None, got {http_headers!r}."
+            )
         self.method_name = method_name
         self.shard_key = None if shard_key is None else str(shard_key)
         self.relative_slo_ms = check_slo("relative_slo_ms", relative_slo_ms)
         self.absolute_slo_ms = check_slo("absolute_slo_ms", absolute_slo_ms)
         self.missing_ok = bool(missing_ok)
+        self.http_method = None if http_method is None else check_http_method(http_method)
+        self.http_headers = None if http_headers is None else dict(http_headers)
+        # What a call carries for a legacy handler's request (None: nothing set).
+        self.http: tuple[str | None, dict[str, str] | None] | None = (
+            None
+            if self.http_method is None and self.http_headers is None
+            else (self.http_method, self.http_headers)
+        )
 
     def replace(self, **changes: Any) -> HandleOptions:
         """A copy with the given options changed."""
-        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields = {name: getattr(self, name) for name in self._FIELDS}
         fields.update({k: v for k, v in changes.items() if v is not UNSET})
         return HandleOptions(**fields)
 
@@ -405,7 +451,14 @@ class HandleOptions:
         """The options that are set, for repr."""
         parts = [
             f"{name}={getattr(self, name)!r}"
-            for name in ("method_name", "shard_key", "relative_slo_ms", "absolute_slo_ms")
+            for name in (
+                "method_name",
+                "shard_key",
+                "relative_slo_ms",
+                "absolute_slo_ms",
+                "http_method",
+                "http_headers",
+            )
             if getattr(self, name) is not None
         ]
         return (" " + " ".join(parts)) if parts else ""

@@ -185,7 +185,7 @@ class InProcessRunner:
                 key = (method, len(args))
                 mode = by_nargs[len(args)] = self.callable.mode_for(key, fn, args, kwargs)
         if mode:
-            args, kwargs = adapt(mode, args, kwargs)
+            args, kwargs = adapt(mode, args, kwargs, call.http)
         if kind is _ASYNC:
             result = await self._call_async(fn, args, kwargs)
             if inspect.isgenerator(result):  # an async handler that returned a sync generator

@@ -19,7 +19,7 @@ from ._importer import import_attr
 from ._types import Lifecycle
 from .backend import Backend
 from .callable import UserCallable
-from .config import BackendConfig, HandleOptions, HTTPOptions
+from .config import BackendConfig, HandleOptions, HTTPOptions, check_http_method
 from .context import install_log_context
 from .exceptions import (
     BackendInUse,
@@ -54,6 +54,15 @@ class Serve:
         async with Serve(http_options={"port": 8000}) as s:
             await s.create_backend("echo", echo)
             await s.create_endpoint("echo", backend="echo", route="/echo")
+
+    ``legacy_requests=True`` is the switch for unmodified Ray 1.x apps: every handle call to this
+    instance's backends arrives as one Python-side request, as 1.x delivered it.
+    ``handle.remote(data, **kwargs)`` gives the handler a request whose ``await request.body()``
+    and ``await request.json()`` return ``data`` and whose ``query_params`` are ``kwargs`` (a
+    batching backend gets a list of such requests, so keyword-only calls batch too). A Starlette
+    request passed alone is forwarded unchanged; more than one positional argument is a
+    ``TypeError``. HTTP requests are unaffected. Off by default: handlers get exactly the given
+    arguments (the Ray 2 convention).
     """
 
     def __init__(
@@ -67,6 +76,7 @@ class Serve:
         gc_window_seconds: int = 3600,
         access_log: bool = False,
         kv_store_path: str | os.PathLike[str] | None = None,
+        legacy_requests: bool = False,
     ) -> None:
         self.http_options = HTTPOptions.coerce(http_options)
         policy = RoutePolicy.parse(queueing_policy)
@@ -85,6 +95,7 @@ class Serve:
             rng=rng,
             metrics=self.metrics,
         )
+        self._router.legacy_requests = bool(legacy_requests)
         self._http = HTTPApp(self._router, debug=debug, access_log=access_log)
         self._http.system_routes["/-/metrics"] = self._metrics_route
         self.asgi_app: Any = self._http
@@ -539,4 +550,4 @@ def _methods(methods: Iterable[str] | str) -> tuple[str, ...]:
         raise ConfigTypeError(f"methods must be a list of str, got {methods!r}.") from None
     if not items or not all(isinstance(m, str) and m for m in items):
         raise ConfigTypeError(f"methods must be a non-empty list of str, got {methods!r}.")
-    return tuple(dict.fromkeys(m.upper() for m in items))
+    return tuple(dict.fromkeys(check_http_method(m) for m in items))
