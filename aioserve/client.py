@@ -21,7 +21,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._concurrency import new_event_loop
 from .config import HTTPOptions
-from .context import current_replica
+from .context import current_replica, use_default_log_format
 from .exceptions import ConfigError, ServeError, ServeShutdown
 from .handle import ServeFuture, ServeHandle
 from .serve import Serve
@@ -284,8 +284,12 @@ class Client:
         """Start a new instance on its own loop thread and return its client.
 
         Every option of the :class:`Serve` constructor is accepted (``access_log``, ``seed``, ...).
+        Where the application has not configured logging, warnings and errors are printed with
+        :data:`~aioserve.context.LOG_FORMAT` (the backend and replica tags of records made in a
+        backend).
         """
         serve = Serve(http_options, **serve_options)
+        use_default_log_format()
         thread = _LoopThread("aioserve-loop")
         try:
             thread.run(serve.start())
