@@ -520,7 +520,13 @@ class Serve:
         method_name: str | None = None,
         shard_key: str | None = None,
     ) -> ServeHandle:
-        """An async handle to an endpoint (``KeyError`` if unknown, unless ``missing_ok``)."""
+        """An async handle to an endpoint (``KeyError`` if unknown, unless ``missing_ok``).
+
+        With ``missing_ok`` a call waits for the endpoint to exist: until the call's deadline
+        (``relative_slo_ms``/``absolute_slo_ms``), or at most
+        :data:`~aioserve.router.MISSING_ENDPOINT_WAIT_S` (30 s); then it fails with
+        :class:`EndpointNotFound`. One warning per endpoint name is logged while calls wait.
+        """
         self._check_running()
         if not missing_ok and endpoint_name not in self._router.endpoints:
             raise self._router.not_found(endpoint_name)
