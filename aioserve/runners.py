@@ -13,6 +13,7 @@ thread and then runs
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -227,6 +228,16 @@ class InProcessRunner:
         ctx = contextvars.copy_context()
         ctx.run(self._enter)  # a variable it sets stays in the thread's copy
         future = self._submit(ctx, fn, *args, **kwargs)
+        try:
+            return await self._wait_thread(future)
+        except asyncio.CancelledError:
+            if not future.done():
+                # The thread may be running it: the slot stays taken until the thread is done.
+                call.lingering = asyncio.wrap_future(future)
+            raise
+
+    async def _wait_thread(self, future: concurrent.futures.Future[Any]) -> Any:
+        """Wait for work on the replica's thread; :meth:`kill` lets the waiter go at once."""
         waiter = asyncio.wrap_future(future)
         self._waiting_on_thread.add(waiter)
         try:
@@ -239,9 +250,6 @@ class InProcessRunner:
                 raise ReplicaStopped(
                     f"Replica {self.replica_tag} was stopped while serving the request."
                 ) from None
-            if not future.done():
-                # The thread may be running it: the slot stays taken until the thread is done.
-                call.lingering = asyncio.wrap_future(future)
             raise
         finally:
             self._waiting_on_thread.discard(waiter)
@@ -293,13 +301,14 @@ class _ThreadStream(Stream):
 
     async def __anext__(self) -> Any:
         future = self._runner._submit(self._ctx, _next_or_done, self._items)
-        item = await asyncio.wrap_future(future)
+        item = await self._runner._wait_thread(future)
         if item is _DONE:
             raise StopAsyncIteration
         return item
 
     async def aclose(self) -> None:
         close = getattr(self._items, "close", None)
-        if close is not None:
+        # A stopped replica's thread may be stuck in the generator: leave it to that thread.
+        if close is not None and not self._runner._killed:
             with contextlib.suppress(ReplicaStopped):  # the replica is gone, its thread with it
                 await asyncio.wrap_future(self._runner._submit(self._ctx, close))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,27 @@ async def test_drain_timeout_fails_callers_of_a_stuck_sync_handler(serve: Serve)
         await serve.delete_backend("slow")
         with pytest.raises(ReplicaStopped, match="stopped"):
             await asyncio.wait_for(call, HANG_GUARD_S)
+    finally:
+        stuck.release.set()
+
+
+async def test_force_delete_ends_a_stream_stuck_in_a_sync_generator(serve: Serve) -> None:
+    stuck = Stuck()
+
+    def ticks(request: Any = None) -> Iterator[str]:
+        yield "first"
+        yield stuck()
+
+    await deploy(serve, "ticks", ticks)
+    try:
+        stream = await serve.get_handle("ticks").remote()
+        assert await anext(stream) == "first"
+        second = asyncio.ensure_future(anext(stream))
+        await wait_until(stuck.entered.is_set, "the generator is stuck in its thread")
+        await serve.delete_endpoint("ticks")
+        await serve.delete_backend("ticks", force=True)
+        with pytest.raises(ReplicaStopped):
+            await asyncio.wait_for(second, HANG_GUARD_S)
     finally:
         stuck.release.set()
 
