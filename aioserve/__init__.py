@@ -32,7 +32,7 @@ from .api import (
 from .batching import accept_batch, batch
 from .callable import PythonRequest
 from .client import Client, RayServeSyncHandle, SyncServeHandle
-from .config import BackendConfig, HTTPOptions
+from .config import BackendConfig, BackendInfo, DeploymentMode, HTTPOptions
 from .context import ReplicaContext, context, get_replica_context
 from .exceptions import (
     BackendError,
@@ -56,7 +56,7 @@ from .exceptions import (
     ServeShutdown,
     StoreError,
 )
-from .handle import RayServeHandle, ServeHandle
+from .handle import RayServeHandle, ServeFuture, ServeHandle
 from .inbox import ServeRequest
 from .metrics import BackendStatistics
 from .policy import RoutePolicy
@@ -68,6 +68,7 @@ __all__ = [
     "BackendConfig",
     "BackendError",
     "BackendInUse",
+    "BackendInfo",
     "BackendNotFound",
     "BackendStatistics",
     "BatchError",
@@ -78,6 +79,7 @@ __all__ = [
     "ConfigTypeError",
     "DeadlineExceeded",
     "DeploymentError",
+    "DeploymentMode",
     "EndpointNotFound",
     "HTTPOptions",
     "Lifecycle",
@@ -94,6 +96,7 @@ __all__ = [
     "RoutePolicy",
     "Serve",
     "ServeError",
+    "ServeFuture",
     "ServeHandle",
     "ServeRequest",
     "ServeShutdown",

@@ -212,13 +212,18 @@ class ReplicaThread:
 
 
 def spawn_threadsafe(
-    owner: TaskOwner, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
+    owner: TaskOwner,
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, T],
+    result: concurrent.futures.Future[T] | None = None,
 ) -> concurrent.futures.Future[T]:
     """Start ``coro`` on ``loop`` (running in another thread) as a task of ``owner``.
 
-    The returned future is resolved with the task's outcome; cancelling it cancels the task.
+    The returned future (``result``, if given: a fresh one) is resolved with the task's outcome;
+    cancelling it cancels the task.
     """
-    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+    if result is None:
+        result = concurrent.futures.Future()
 
     def start() -> None:
         # The future stays pending (not running) so that the caller can cancel it at any time.

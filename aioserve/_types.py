@@ -18,7 +18,7 @@ import asyncio
 import enum
 import itertools
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Protocol
 
 __all__ = [
@@ -72,7 +72,8 @@ class Call:
     before it hands the request to sync code, which cannot await the body itself. ``replica`` is
     the replica serving the request (a ``ReplicaContext``), set when a replica takes it.
     ``parent`` is the call being served when this one was made (a nested handle call), so the
-    request id carries over.
+    request id carries over. ``http`` is ``(method, headers)`` given by a handle's
+    ``options(http_method=, http_headers=)``, for the Python-side request of a legacy handler.
     """
 
     __slots__ = (
@@ -80,6 +81,7 @@ class Call:
         "args",
         "deadline",
         "endpoint",
+        "http",
         "kwargs",
         "lingering",
         "method",
@@ -117,6 +119,7 @@ class Call:
         self.prefetch: Callable[[], Awaitable[Any]] | None = None
         self.replica: Any = None
         self.lingering: asyncio.Future[Any] | None = None
+        self.http: tuple[str | None, Mapping[str, str] | None] | None = None
 
     @property
     def request_id(self) -> str:
@@ -131,7 +134,7 @@ class Call:
     def copy(self) -> Call:
         """A call with the same request and arguments (a shadow copy), served on its own."""
         kwargs = dict(self.kwargs) if self.kwargs else None
-        return Call(
+        copy = Call(
             self.endpoint,
             self.args,
             kwargs,
@@ -140,6 +143,8 @@ class Call:
             request_id=self.request_id,
             web=self.web,
         )
+        copy.http = self.http
+        return copy
 
     def __repr__(self) -> str:
         method = f" method={self.method!r}" if self.method else ""

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -53,6 +54,9 @@ _lock = threading.RLock()
 _clients: list[Client] = []  # running instances started here, the current one last
 
 
+_LEGACY_HTTP_ARGS = {"http_host": "host", "http_port": "port", "http_middlewares": "middlewares"}
+
+
 @forwarding(Client.start)
 def start(
     detached: bool = False,
@@ -65,7 +69,31 @@ def start(
     Non-detached instances are shut down at interpreter exit; ``detached=True`` ones live until
     ``shutdown()`` or the end of the process. With ``kv_store_path`` the control state is
     checkpointed in that SQLite file after every change and restored from it here.
+
+    The Ray 1.0-1.2 arguments ``http_host``, ``http_port`` and ``http_middlewares`` are accepted
+    with a ``DeprecationWarning``; given together with ``http_options`` they are a ``ValueError``
+    (as in 1.2).
     """
+    legacy = {
+        field: serve_options.pop(name)
+        for name, field in _LEGACY_HTTP_ARGS.items()
+        if name in serve_options
+    }
+    if legacy:
+        if http_options is not None:
+            raise ConfigError(
+                "You cannot specify both `http_options` and any of the `http_host`, `http_port`, "
+                "and `http_middlewares` arguments. `http_options` is preferred."
+            )
+        warnings.warn(
+            "`http_host`, `http_port`, `http_middlewares` are deprecated. Please use "
+            "serve.start(http_options={'host': ..., 'port': ..., 'middlewares': ...}) instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if "middlewares" in legacy:
+            legacy["middlewares"] = tuple(legacy["middlewares"] or ())
+        http_options = legacy
     client = Client.start(http_options, detached=detached, **serve_options)
     with _lock:
         _clients.append(client)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from ._types import Call, Lifecycle, Runner, Stream
 from ._waitqueue import WaitQueue
 from .batching import BatchQueue
 from .callable import UserCallable
-from .config import BackendConfig
+from .config import BackendConfig, BackendInfo
 from .context import call_var
 from .exceptions import ConfigTypeError, DeadlineExceeded, ServeShutdown
 from .metrics import BackendStatistics, Metrics
@@ -95,6 +94,8 @@ class Backend:
         self._streams = TaskOwner(f"backend {tag!r} stream closes")
         self._draining: set[_Replica] = set()  # out of routing, still finishing calls
         self._drained: asyncio.Event | None = None
+        self._rotation = 0  # where the next replica search starts (see _acquire)
+        self._batching = user_callable.batches_with(config)
 
     def __repr__(self) -> str:
         return (
@@ -122,15 +123,17 @@ class Backend:
 
     def resolved_config(self) -> BackendConfig:
         """The config with ``max_concurrent_queries`` resolved, as get_backend_config reports it."""
-        return dataclasses.replace(self.config, max_concurrent_queries=self.max_concurrent_queries)
+        return self.config.with_resolved_concurrency(is_async=self.callable.is_async)
 
-    def info(self) -> dict[str, Any]:
-        """The plain dict list_backends shows for this backend."""
-        out: dict[str, Any] = {
-            "accepts_batches": self.callable.accepts_batches,
-            "num_replicas": self.config.num_replicas,
-            "max_batch_size": self.config.max_batch_size,
-        }
+    def info(self) -> BackendInfo:
+        """The dict list_backends shows for this backend (its keys are attributes too)."""
+        out = BackendInfo(
+            {
+                "accepts_batches": self._batching,
+                "num_replicas": self.config.num_replicas,
+                "max_batch_size": self.config.max_batch_size,
+            }
+        )
         out.update(self.resolved_config().to_dict())
         return out
 
@@ -229,6 +232,7 @@ class Backend:
                 )
             raise
         self.config = new
+        self._batching = self.callable.batches_with(new)
         self._waiting.max_len = new.max_queued_queries
         limit = self.max_concurrent_queries
         replicas = self.replicas + added
@@ -310,7 +314,7 @@ class Backend:
             raise DeadlineExceeded(
                 f"The request's deadline passed before backend {self.tag!r} could start it."
             )
-        if self.callable.accepts_batches and self.callable.method_accepts_batches(call.method):
+        if self._batching and self.callable.method_accepts_batches(call.method):
             return await self._call_batched(call)
         replica = None if len(self._waiting) else self._acquire()
         if replica is None:
@@ -345,10 +349,27 @@ class Backend:
                 self._release(replica)
 
     def _acquire(self) -> _Replica | None:
-        """Take a slot on the least-loaded routed replica with one free, or return None."""
+        """Take a slot on the least-loaded routed replica with one free, or return None.
+
+        Among equally loaded replicas the choice rotates: the search starts one replica further
+        on each time, and the first of the least loaded from there wins, so every replica serves
+        under light load too (a search always starting at the first would send it all there).
+        """
+        replicas = self.replicas
+        count = len(replicas)
+        if count == 1:  # the common case: no search, no rotation
+            replica = replicas[0]
+            if replica.in_flight < replica.limit:
+                replica.in_flight += 1
+                return replica
+            return None
+        if not count:
+            return None
+        start = self._rotation = (self._rotation + 1) % count
         best: _Replica | None = None
         best_load = 1 << 62
-        for replica in self.replicas:
+        for i in range(start, start + count):
+            replica = replicas[i % count]
             n = replica.in_flight
             if n < best_load and n < replica.limit:
                 best, best_load = replica, n

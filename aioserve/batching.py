@@ -131,7 +131,10 @@ def batch(
     A method gets one queue per instance; a function one per event loop (and per
     :data:`queue_owner`). Usable bare (``@batch``) or with keyword arguments.
     """
-    size = check_int("max_batch_size", max_batch_size)
+    given: object = max_batch_size
+    if isinstance(given, float) and given.is_integer():
+        given = int(given)  # 1.3 took a whole-number float
+    size = check_int("max_batch_size", given)
     timeout = check_seconds("batch_wait_timeout_s", batch_wait_timeout_s)
     if func is None:
         return functools.partial(_make_batched, max_batch_size=size, batch_wait_timeout_s=timeout)
@@ -163,7 +166,7 @@ def _make_batched(
             else " Pass the settings as keywords: @serve.batch(max_batch_size=...)."
         )
         raise ConfigTypeError(
-            f"@serve.batch can only be used on async functions, got {func!r}.{hint}"
+            f"Functions decorated with @serve.batch must be 'async def', got {func!r}.{hint}"
         )
     arity = _positional_arity(func)
     name = getattr(func, "__qualname__", repr(func))

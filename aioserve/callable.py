@@ -12,7 +12,7 @@ import enum
 import functools
 import inspect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .batching import accepts_batches
@@ -27,6 +27,7 @@ __all__ = [
     "adapt",
     "bind_method",
     "kind_of",
+    "legacy_request",
 ]
 
 # Methods the system calls on a replica's object; never reachable by a caller's method name.
@@ -67,7 +68,9 @@ _NO_KWARGS: dict[str, Any] = {}  # never mutated: only ever unpacked with **
 class UserCallable:
     """A backend's function or class, analysed once and shared by all its replicas."""
 
-    def __init__(self, target: Any, init_args: tuple[Any, ...] = ()) -> None:
+    def __init__(
+        self, target: Any, init_args: tuple[Any, ...] = (), *, from_import_path: bool = False
+    ) -> None:
         if inspect.isclass(target):
             self.is_class = True
             call = getattr(target, "__call__", None)  # noqa: B004
@@ -106,6 +109,9 @@ class UserCallable:
                 if name == "__call__" or not name.startswith("_")
             )
         )
+        # Ray 1.3 took a backend given by import path to accept batches (the decorator cannot be
+        # seen from the config file that names it): see batches_with.
+        self.from_import_path = from_import_path
         self.has_reconfigure = self.is_class and callable(getattr(target, "reconfigure", None))
         self.uses_batch_decorator = _uses_batch_decorator(target)
         self._modes: dict[tuple[Any, ...], _Mode] = {}
@@ -116,9 +122,15 @@ class UserCallable:
         """Whether the main entry point (the function, or the class's ``__call__``) is async."""
         return self.kind is Kind.ASYNC or self.kind is Kind.ASYNC_GEN
 
+    def batches_with(self, config: BackendConfig) -> bool:
+        """Whether calls take the batch path under ``config``: always for a callable marked with
+        ``@accept_batch``; for an unmarked one given by import path (taken to accept batches, as
+        in 1.3) only when ``max_batch_size > 1``, so without it calls pass as given."""
+        return self.accepts_batches or (self.from_import_path and (config.max_batch_size or 1) > 1)
+
     def check_config(self, tag: str, config: BackendConfig) -> None:
         """Check the config rules that need the callable too (raises :class:`ConfigError`)."""
-        if (config.max_batch_size or 1) > 1 and not self.accepts_batches:
+        if (config.max_batch_size or 1) > 1 and not self.batches_with(config):
             raise ConfigError(
                 f"Backend {tag!r}: max_batch_size={config.max_batch_size!r} needs a callable that "
                 f"accepts batches; mark {self.name} with @serve.accept_batch."
@@ -133,7 +145,9 @@ class UserCallable:
         """Whether calls to ``method`` (None: the default entry point) take lists."""
         cached = self._method_batches.get(method)
         if cached is None:
-            if not self.is_class:
+            if not self.accepts_batches and self.from_import_path:
+                cached = True  # every method, when its config batches (batches_with)
+            elif not self.is_class:
                 cached = self.accepts_batches
             elif (
                 method is not None and method != "__call__" and not _reachable(self.target, method)
@@ -210,11 +224,14 @@ def _decide_mode(fn: Callable[..., Any], args: tuple[Any, ...], kw: Mapping[str,
 
 
 def adapt(
-    mode: _Mode, args: tuple[Any, ...], kwargs: dict[str, Any]
+    mode: _Mode,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    http: tuple[str | None, Mapping[str, str] | None] | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if mode is _REQUEST_FIRST:
-        return (python_request(None, kwargs), *args), kwargs
-    return (python_request(args[0] if args else None, kwargs),), _NO_KWARGS
+        return (python_request(None, kwargs, http), *args), kwargs
+    return (python_request(args[0] if args else None, kwargs, http),), _NO_KWARGS
 
 
 _MISSING = object()
@@ -266,19 +283,31 @@ def bind_method(obj: Any, method: str | None, user_callable: UserCallable, backe
 
 
 class PythonRequest:
-    """A request made from Python: keyword arguments as query params, one positional arg as body."""
+    """A request made from Python: keyword arguments as query params, one positional arg as body.
 
-    __slots__ = ("_body", "query_params")
+    ``method`` is ``"CALL"`` and ``headers`` empty unless the handle set them with
+    ``options(http_method=..., http_headers=...)`` (Ray 1.2); ``headers`` is case-insensitive,
+    as a Starlette request's.
+    """
 
-    method = "CALL"
+    __slots__ = ("_body", "headers", "method", "query_params")
+
     url = ""
-    headers: Mapping[str, str] = {}
     path_params: Mapping[str, Any] = {}
 
-    def __init__(self, body: Any = None, query_params: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        body: Any = None,
+        query_params: Mapping[str, Any] | None = None,
+        *,
+        method: str = "CALL",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._body = body
         # A copy, so that a handler changing it changes nothing the caller holds.
         self.query_params: dict[str, Any] = dict(query_params) if query_params else {}
+        self.method = method
+        self.headers: Mapping[str, str] = Headers(headers) if headers else _NO_HEADERS
 
     @property
     def args(self) -> dict[str, Any]:
@@ -314,10 +343,42 @@ class PythonRequest:
         return f"<PythonRequest body={self._body!r} query_params={self.query_params!r}>"
 
 
+class Headers(Mapping[str, str]):
+    """Read-only, case-insensitive headers of a :class:`PythonRequest` (names lower-cased)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
+        self._items = {k.lower(): v for k, v in headers.items()} if headers else {}
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+def _is_asgi_request(value: Any) -> bool:
+    # A Starlette Request (or WebSocket) being forwarded, recognised without importing Starlette.
+    scope = getattr(value, "scope", None)
+    return isinstance(scope, dict) and scope.get("type") in ("http", "websocket")
+
+
+_NO_HEADERS = Headers()
 _new_object = object.__new__
 
 
-def python_request(body: Any, kwargs: dict[str, Any]) -> PythonRequest:
+def python_request(
+    body: Any,
+    kwargs: dict[str, Any],
+    http: tuple[str | None, Mapping[str, str] | None] | None = None,
+) -> PythonRequest:
     """The request a handle call's handler gets: ``kwargs`` becomes its ``query_params``.
 
     Unlike the constructor this does not copy ``kwargs``: it is the dict of one call's keyword
@@ -326,4 +387,33 @@ def python_request(body: Any, kwargs: dict[str, Any]) -> PythonRequest:
     request: PythonRequest = _new_object(PythonRequest)
     request._body = body
     request.query_params = kwargs if kwargs else {}
+    if http is None:
+        request.method = "CALL"
+        request.headers = _NO_HEADERS
+    else:
+        method, headers = http
+        request.method = method or "CALL"
+        request.headers = Headers(headers) if headers else _NO_HEADERS
     return request
+
+
+def legacy_request(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    http: tuple[str | None, Mapping[str, str] | None] | None = None,
+) -> tuple[Any, ...]:
+    """The arguments of a handle call delivered as Ray 1.x did (the ``legacy_requests`` switch):
+    one request whose ``body()``/``json()`` give the one positional argument and whose
+    ``query_params`` are the keyword arguments. A Starlette request passed alone is forwarded
+    unchanged. More than one positional argument is a :class:`ConfigTypeError`, as in 1.x.
+    """
+    if len(args) > 1:
+        raise ConfigTypeError(
+            f"With legacy_requests on, a handle call takes at most one positional argument (the "
+            f"request body) and keyword arguments (its query params), as in Ray 1.x; got "
+            f"{len(args)} positional arguments."
+        )
+    body = args[0] if args else None
+    if not kwargs and http is None and _is_asgi_request(body):
+        return args
+    return (python_request(body, kwargs, http),)

@@ -65,6 +65,7 @@ import uvicorn
 from ._concurrency import new_event_loop
 from ._importer import import_attr
 from .config import HTTPOptions
+from .context import LOG_FORMAT, install_log_context
 from .deployment import Deployment, load_deployment
 from .exceptions import BindError, ConfigError, ConfigTypeError, DeploymentError
 from .serve import Serve
@@ -510,9 +511,8 @@ def _run_workers(target: _Target, args: argparse.Namespace, address: tuple[str, 
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    install_log_context()  # records made before the instance starts have the tags too
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
 
 
 def _cwd_on_path() -> None:

@@ -13,7 +13,6 @@ handles, ``detached`` instances, and the 0.8 argument orders (``create_backend(f
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import inspect
 import threading
@@ -22,9 +21,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._concurrency import new_event_loop
 from .config import HTTPOptions
-from .context import current_replica
+from .context import current_replica, use_default_log_format
 from .exceptions import ConfigError, ServeError, ServeShutdown
-from .handle import ServeHandle
+from .handle import ServeFuture, ServeHandle
 from .serve import Serve
 
 __all__ = ["Client", "RayServeSyncHandle", "SyncServeHandle"]
@@ -90,7 +89,8 @@ class _LoopThread:
 
 
 class SyncServeHandle:
-    """A handle for plain threads: ``handle.remote(x)`` returns a ``concurrent.futures.Future``."""
+    """A handle for plain threads: ``handle.remote(x)`` returns a ``concurrent.futures.Future``
+    (a :class:`ServeFuture`, which async code may also await)."""
 
     __slots__ = ("_handle",)
 
@@ -102,14 +102,10 @@ class SyncServeHandle:
         """The endpoint this handle calls."""
         return self._handle.endpoint_name
 
-    def remote(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        """Send a request; ``.result()`` on the returned future waits for its result."""
-        if self._handle.on_own_loop():
-            raise ServeError(
-                "A sync handle was used on the instance's own event loop thread (from an async "
-                "backend?); waiting on its result there would deadlock. Use an async handle: "
-                "serve.get_handle(name, sync=False), then await handle.remote(...)."
-            )
+    def remote(self, *args: Any, **kwargs: Any) -> ServeFuture[Any]:
+        """Send a request; returns a ``concurrent.futures.Future`` whose ``.result()`` waits for
+        its result, and which async code can ``await`` too (the 1.x composition idiom
+        ``await serve.get_handle("m").remote(x)`` inside an async backend)."""
         return self._handle.remote_threadsafe(*args, **kwargs)
 
     def options(self, **options: Any) -> SyncServeHandle:
@@ -288,8 +284,12 @@ class Client:
         """Start a new instance on its own loop thread and return its client.
 
         Every option of the :class:`Serve` constructor is accepted (``access_log``, ``seed``, ...).
+        Where the application has not configured logging, warnings and errors are printed with
+        :data:`~aioserve.context.LOG_FORMAT` (the backend and replica tags of records made in a
+        backend).
         """
         serve = Serve(http_options, **serve_options)
+        use_default_log_format()
         thread = _LoopThread("aioserve-loop")
         try:
             thread.run(serve.start())

@@ -9,19 +9,25 @@ serve.set_backend_config(tag, config)``; every entry point re-validates it (:met
 from __future__ import annotations
 
 import asyncio
+import copy as _copy
 import dataclasses
+import enum
 import math
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from .exceptions import ConfigError, ConfigTypeError
 
 __all__ = [
     "BackendConfig",
+    "BackendInfo",
+    "DeploymentMode",
     "HTTPOptions",
     "HandleOptions",
     "Location",
+    "check_http_method",
     "check_int",
     "check_seconds",
     "check_slo",
@@ -30,6 +36,17 @@ __all__ = [
 
 Location = Literal["HeadOnly", "EveryNode", "NoServer"]
 _LOCATIONS: tuple[str, ...] = ("HeadOnly", "EveryNode", "NoServer")
+
+
+class DeploymentMode(enum.StrEnum):
+    """Where HTTP servers run (Ray 1.x's enum). In one process ``HeadOnly`` and ``EveryNode`` both
+    mean one server; ``NoServer`` means none (mount ``asgi_app`` elsewhere). A member equals its
+    name as a string, so ``opts.location == "NoServer"`` holds either way."""
+
+    HeadOnly = "HeadOnly"
+    EveryNode = "EveryNode"
+    NoServer = "NoServer"
+
 
 # Legacy spellings accepted in dicts, mapped to the field they set.
 _BACKEND_ALIASES = {
@@ -61,12 +78,32 @@ def check_seconds(name: str, value: object) -> float:
     return float(value)
 
 
-@dataclasses.dataclass
+_UNSET_FIELD: Any = object()
+
+# Per-field validators: each returns the value to store, or raises naming the field.
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "num_replicas": lambda n, v: check_int(n, v, minimum=1),
+    "max_batch_size": lambda n, v: check_int(n, v, minimum=1, optional=True),
+    "batch_wait_timeout": check_seconds,
+    "max_concurrent_queries": lambda n, v: check_int(n, v, minimum=1, optional=True),
+    "max_queued_queries": lambda n, v: check_int(n, v, minimum=1, optional=True),
+    "user_config": lambda n, v: v,
+    "graceful_shutdown_wait_loop_s": check_seconds,
+    "graceful_shutdown_timeout_s": check_seconds,
+}
+
+
+@dataclasses.dataclass(init=False)
 class BackendConfig:
     """How a backend runs: replicas, batching, concurrency and queue limits, user config.
 
     ``max_concurrent_queries=None`` means the legacy default, resolved when the backend is created:
     ``2 * max_batch_size`` (or 8) for a sync callable, 100 for an async one.
+
+    As the 1.x pydantic model did, it validates every field on construction *and* on assignment,
+    and remembers which fields were set explicitly (:attr:`fields_set`): an update with a
+    ``BackendConfig`` changes only those. The 1.x names ``experimental_graceful_shutdown_*`` are
+    accepted as keyword arguments for the ``graceful_shutdown_*`` fields.
     """
 
     num_replicas: int = 1
@@ -78,15 +115,73 @@ class BackendConfig:
     graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 20.0
 
-    def __post_init__(self) -> None:
-        check_int("num_replicas", self.num_replicas, minimum=1, optional=False)
-        check_int("max_batch_size", self.max_batch_size, minimum=1, optional=True)
-        check_seconds("batch_wait_timeout", self.batch_wait_timeout)
-        check_int("max_concurrent_queries", self.max_concurrent_queries, minimum=1, optional=True)
-        check_int("max_queued_queries", self.max_queued_queries, minimum=1, optional=True)
-        check_seconds("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)
-        check_seconds("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s)
-        self.batch_wait_timeout = float(self.batch_wait_timeout)
+    def __init__(
+        self,
+        *,
+        num_replicas: int = _UNSET_FIELD,
+        max_batch_size: int | None = _UNSET_FIELD,
+        batch_wait_timeout: float = _UNSET_FIELD,
+        max_concurrent_queries: int | None = _UNSET_FIELD,
+        max_queued_queries: int | None = _UNSET_FIELD,
+        user_config: Any = _UNSET_FIELD,
+        graceful_shutdown_wait_loop_s: float = _UNSET_FIELD,
+        graceful_shutdown_timeout_s: float = _UNSET_FIELD,
+        experimental_graceful_shutdown_wait_loop_s: float = _UNSET_FIELD,
+        experimental_graceful_shutdown_timeout_s: float = _UNSET_FIELD,
+    ) -> None:
+        given = {
+            "num_replicas": num_replicas,
+            "max_batch_size": max_batch_size,
+            "batch_wait_timeout": batch_wait_timeout,
+            "max_concurrent_queries": max_concurrent_queries,
+            "max_queued_queries": max_queued_queries,
+            "user_config": user_config,
+            "graceful_shutdown_wait_loop_s": graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
+        }
+        wait_loop_s = experimental_graceful_shutdown_wait_loop_s
+        experimental = {
+            "experimental_graceful_shutdown_wait_loop_s": wait_loop_s,
+            "experimental_graceful_shutdown_timeout_s": experimental_graceful_shutdown_timeout_s,
+        }
+        for alias, value in experimental.items():
+            if value is _UNSET_FIELD:
+                continue
+            field = _BACKEND_ALIASES[alias]
+            if given[field] is not _UNSET_FIELD:
+                raise ConfigError(
+                    f"BackendConfig got both {field}={given[field]!r} and its 1.x name "
+                    f"{alias}={value!r}; pass one of them."
+                )
+            given[field] = value
+        object.__setattr__(self, "_fields_set", set())
+        for name, value in given.items():
+            if value is _UNSET_FIELD:
+                object.__setattr__(self, name, _DEFAULTS[name])
+            else:
+                setattr(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _CHECKS.get(name)
+        if check is None:
+            raise AttributeError(
+                f"BackendConfig has no field {name!r}. Known fields: {', '.join(_CHECKS)}."
+            )
+        object.__setattr__(self, name, check(name, value))
+        _set_fields(self).add(name)
+
+    @property
+    def fields_set(self) -> frozenset[str]:
+        """The fields given to the constructor or assigned since (pydantic's ``__fields_set__``)."""
+        return frozenset(_set_fields(self))
+
+    def copy(self, **changes: Any) -> BackendConfig:
+        """A copy with ``changes`` applied (validated); it remembers the same fields as set."""
+        new = _copy.copy(self)
+        object.__setattr__(new, "_fields_set", set(_set_fields(self)))
+        for name, value in changes.items():
+            setattr(new, name, value)
+        return new
 
     @classmethod
     def coerce(cls, value: BackendConfig | Mapping[str, Any] | None) -> BackendConfig:
@@ -94,8 +189,7 @@ class BackendConfig:
         if value is None:
             return cls()
         if isinstance(value, BackendConfig):
-            # Re-validate: the object may have been mutated since it was made.
-            return dataclasses.replace(value)
+            return value.copy()
         if isinstance(value, Mapping):
             return cls(**cls._fields_from(value))
         raise ConfigTypeError(
@@ -103,23 +197,23 @@ class BackendConfig:
         )
 
     def updated(self, changes: BackendConfig | Mapping[str, Any]) -> BackendConfig:
-        """A validated copy with ``changes`` applied (a dict applies only the keys it names)."""
+        """A validated copy with ``changes`` applied: a dict's keys, or the fields set explicitly
+        on a ``BackendConfig`` (as 1.x did with ``exclude_unset``)."""
         if isinstance(changes, BackendConfig):
-            return dataclasses.replace(changes)
+            return self.copy(**{name: getattr(changes, name) for name in _set_fields(changes)})
         if isinstance(changes, Mapping):
-            return dataclasses.replace(self, **self._fields_from(changes))
+            return self.copy(**self._fields_from(changes))
         raise ConfigTypeError(
             f"config must be a BackendConfig or a dict of its fields, got {type(changes).__name__}."
         )
 
     @staticmethod
     def _fields_from(mapping: Mapping[str, Any]) -> dict[str, Any]:
-        names = {f.name for f in dataclasses.fields(BackendConfig)}
         out: dict[str, Any] = {}
         for key, val in mapping.items():
             field = _BACKEND_ALIASES.get(key, key)
-            if field not in names:
-                known = ", ".join(sorted(names))
+            if field not in _CHECKS:
+                known = ", ".join(sorted(_CHECKS))
                 raise ConfigError(f"Unknown backend config field {key!r}. Known fields: {known}.")
             out[field] = val
         return out
@@ -132,9 +226,41 @@ class BackendConfig:
             return 100
         return 2 * self.max_batch_size if self.max_batch_size else 8
 
+    def with_resolved_concurrency(self, *, is_async: bool) -> BackendConfig:
+        """A copy whose ``max_concurrent_queries`` is the limit in force (not marked as set)."""
+        new = self.copy()
+        limit = self.resolved_max_concurrent_queries(is_async=is_async)
+        object.__setattr__(new, "max_concurrent_queries", limit)
+        return new
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
         return dataclasses.asdict(self)
+
+
+def _set_fields(config: BackendConfig) -> set[str]:
+    # Not a dataclass field (not compared, shown or serialised): kept in the instance dict.
+    fields: set[str] = config.__dict__["_fields_set"]
+    return fields
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(BackendConfig)}
+
+
+class BackendInfo(dict[str, Any]):
+    """What ``list_backends()`` gives per backend: a plain dict (the seed documents print it) whose
+    keys are also attributes (1.2/1.3 returned ``BackendConfig`` objects): ``info["num_replicas"]``
+    and ``info.num_replicas`` both work."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"Backend info has no field {name!r}. Known fields: {', '.join(self)}."
+            ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +268,9 @@ class HTTPOptions:
     """Where and how the HTTP server runs.
 
     ``host=None`` or ``location`` ``"NoServer"``/None means no server of its own: mount ``asgi_app``
-    in another ASGI app instead. ``"HeadOnly"`` and ``"EveryNode"`` both mean one server here.
+    in another ASGI app instead; ``location`` then reports :attr:`DeploymentMode.NoServer`, as in
+    1.x. ``"HeadOnly"`` and ``"EveryNode"`` both mean one server here. ``location`` takes the
+    :class:`DeploymentMode` enum or its names, and is always stored as the enum.
     ``port=0`` picks a free port (read it back from ``Serve.http_port``).
 
     Limits, with defaults safe for a server open to untrusted clients:
@@ -162,7 +290,7 @@ class HTTPOptions:
 
     host: str | None = "127.0.0.1"
     port: int = 8000
-    location: Location | None = "HeadOnly"
+    location: DeploymentMode | Location | None = DeploymentMode.HeadOnly
     middlewares: Sequence[Any] = ()
     root_path: str = ""
     max_body_bytes: int | None = 16 * 1024 * 1024
@@ -186,6 +314,13 @@ class HTTPOptions:
                 f"http_options location must be one of {', '.join(map(repr, _LOCATIONS))} or None, "
                 f"got {self.location!r}."
             )
+        # As 1.x's validator did: no host or no location both mean no server, and say so.
+        location = (
+            DeploymentMode.NoServer
+            if self.host is None or self.location is None
+            else DeploymentMode(self.location)
+        )
+        object.__setattr__(self, "location", location)
         if isinstance(self.middlewares, str | bytes) or not isinstance(self.middlewares, Sequence):
             raise ConfigTypeError(
                 f"http_options middlewares must be a list of Middleware, got {self.middlewares!r}."
@@ -217,7 +352,7 @@ class HTTPOptions:
     @property
     def serves(self) -> bool:
         """Whether this instance runs an HTTP server of its own."""
-        return self.host is not None and self.location not in (None, "NoServer")
+        return self.location is not DeploymentMode.NoServer
 
     @classmethod
     def coerce(cls, value: HTTPOptions | Mapping[str, Any] | None) -> HTTPOptions:
@@ -277,10 +412,38 @@ def deadline_from(
     return deadline
 
 
-class HandleOptions:
-    """The per-handle call options; immutable, shared by handles made from each other."""
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
-    __slots__ = ("absolute_slo_ms", "method_name", "missing_ok", "relative_slo_ms", "shard_key")
+
+def check_http_method(value: object) -> str:
+    """Return ``value`` upper-cased if it is an HTTP method (an RFC 9110 token); else raise."""
+    if not isinstance(value, str):
+        raise ConfigTypeError(f"An HTTP method must be a str, got {value!r}.")
+    if not _TOKEN.fullmatch(value):
+        raise ConfigError(
+            f"{value!r} is not an HTTP method: a method is a non-empty token of letters, digits "
+            f"and !#$%&'*+-.^_`|~ (no spaces), such as 'GET' or 'POST'."
+        )
+    return value.upper()
+
+
+class HandleOptions:
+    """The per-handle call options; immutable, shared by handles made from each other.
+
+    ``http_method`` and ``http_headers`` (1.2) are what a legacy handler reached through the
+    handle sees as ``request.method`` and ``request.headers`` on its Python-side request.
+    """
+
+    _FIELDS = (
+        "absolute_slo_ms",
+        "http_headers",
+        "http_method",
+        "method_name",
+        "missing_ok",
+        "relative_slo_ms",
+        "shard_key",
+    )
+    __slots__ = (*_FIELDS, "http")
 
     def __init__(
         self,
@@ -289,20 +452,37 @@ class HandleOptions:
         relative_slo_ms: float | None = None,
         absolute_slo_ms: float | None = None,
         missing_ok: bool = False,
+        http_method: str | None = None,
+        http_headers: Mapping[str, str] | None = None,
     ) -> None:
         if method_name is not None and not isinstance(method_name, str):
             raise ConfigTypeError(f"method_name must be a str or None, got {method_name!r}.")
         if shard_key is not None and not isinstance(shard_key, str | int | bytes):
             raise ConfigTypeError(f"shard_key must be a str or None, got {shard_key!r}.")
+        if http_headers is not None and (
+            not isinstance(http_headers, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in http_headers.items())
+        ):
+            raise ConfigTypeError(
+                f"http_headers must be a dict of str to str or None, got {http_headers!r}."
+            )
         self.method_name = method_name
         self.shard_key = None if shard_key is None else str(shard_key)
         self.relative_slo_ms = check_slo("relative_slo_ms", relative_slo_ms)
         self.absolute_slo_ms = check_slo("absolute_slo_ms", absolute_slo_ms)
         self.missing_ok = bool(missing_ok)
+        self.http_method = None if http_method is None else check_http_method(http_method)
+        self.http_headers = None if http_headers is None else dict(http_headers)
+        # What a call carries for a legacy handler's request (None: nothing set).
+        self.http: tuple[str | None, dict[str, str] | None] | None = (
+            None
+            if self.http_method is None and self.http_headers is None
+            else (self.http_method, self.http_headers)
+        )
 
     def replace(self, **changes: Any) -> HandleOptions:
         """A copy with the given options changed."""
-        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields = {name: getattr(self, name) for name in self._FIELDS}
         fields.update({k: v for k, v in changes.items() if v is not UNSET})
         return HandleOptions(**fields)
 
@@ -310,7 +490,14 @@ class HandleOptions:
         """The options that are set, for repr."""
         parts = [
             f"{name}={getattr(self, name)!r}"
-            for name in ("method_name", "shard_key", "relative_slo_ms", "absolute_slo_ms")
+            for name in (
+                "method_name",
+                "shard_key",
+                "relative_slo_ms",
+                "absolute_slo_ms",
+                "http_method",
+                "http_headers",
+            )
             if getattr(self, name) is not None
         ]
         return (" " + " ".join(parts)) if parts else ""

@@ -17,6 +17,7 @@ from ._types import Call
 from .exceptions import ServeError
 
 __all__ = [
+    "LOG_FORMAT",
     "ReplicaContext",
     "call_var",
     "context",
@@ -24,6 +25,7 @@ __all__ = [
     "get_replica_context",
     "install_log_context",
     "replica_var",
+    "use_default_log_format",
 ]
 
 
@@ -69,13 +71,18 @@ def get_replica_context() -> ReplicaContext:
     return ctx
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s%(serve_tags)s: %(message)s"
+"""The default log format of the command line and the facade: inside a replica a record reads
+``... INFO my.module [backend=model replica=model#a1b2c3]: message``, as 1.x prefixed it."""
+
 _log_context_installed = False
 
 
 def install_log_context() -> None:
     """Give every log record ``serve_request_id``, ``serve_endpoint``, ``serve_backend`` and
     ``serve_replica`` attributes ("-" outside a request), for formats like
-    ``"%(serve_request_id)s %(serve_replica)s %(message)s"``. Idempotent.
+    ``"%(serve_request_id)s %(serve_replica)s %(message)s"``, and ``serve_tags`` (" [backend=...
+    replica=...]" inside a replica, "" outside) used by :data:`LOG_FORMAT`. Idempotent.
     """
     global _log_context_installed
     if _log_context_installed:
@@ -91,9 +98,25 @@ def install_log_context() -> None:
         record.serve_endpoint = call.endpoint if call is not None else "-"
         record.serve_backend = replica.backend_tag if replica is not None else "-"
         record.serve_replica = replica.replica_tag if replica is not None else "-"
+        record.serve_tags = (
+            f" [backend={replica.backend_tag} replica={replica.replica_tag}]"
+            if replica is not None
+            else ""
+        )
         return record
 
     logging.setLogRecordFactory(factory)
+
+
+def use_default_log_format() -> None:
+    """The facade's default: when logging is not configured at all, Python prints warnings and
+    errors through its last-resort handler as bare messages; give that handler
+    :data:`LOG_FORMAT`, so records made in a backend show its backend and replica tags. Logging
+    configured by the application (any handler) is left alone."""
+    install_log_context()
+    last_resort = logging.lastResort
+    if last_resort is not None and last_resort.formatter is None:
+        last_resort.setFormatter(logging.Formatter(LOG_FORMAT))
 
 
 class _Context:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._concurrency import TaskOwner, current_task, spawn_threadsafe
 from ._types import Call
+from .callable import legacy_request
 from .config import UNSET, HandleOptions, deadline_from
 from .context import call_var
 from .exceptions import ServeError, ServeShutdown
@@ -22,7 +24,9 @@ from .exceptions import ServeError, ServeShutdown
 if TYPE_CHECKING:
     from .router import Router
 
-__all__ = ["RayServeHandle", "ServeHandle"]
+__all__ = ["RayServeHandle", "ServeFuture", "ServeHandle"]
+
+T = TypeVar("T")
 
 
 _get_ident = threading.get_ident
@@ -76,14 +80,22 @@ class ServeHandle:
         shard_key: str | None = UNSET,
         relative_slo_ms: float | None = UNSET,
         absolute_slo_ms: float | None = UNSET,
+        http_method: str | None = UNSET,
+        http_headers: Mapping[str, str] | None = UNSET,
     ) -> ServeHandle:
-        """A new handle with these options; this one is unchanged."""
+        """A new handle with these options; this one is unchanged.
+
+        ``http_method`` and ``http_headers`` (Ray 1.2) are seen by a legacy handler that gets a
+        Python-side request (``request.method``, ``request.headers``).
+        """
         return self._with(
             self._options.replace(
                 method_name=method_name,
                 shard_key=shard_key,
                 relative_slo_ms=relative_slo_ms,
                 absolute_slo_ms=absolute_slo_ms,
+                http_method=http_method,
+                http_headers=http_headers,
             )
         )
 
@@ -118,6 +130,11 @@ class ServeHandle:
         deadline = None
         if opts.relative_slo_ms is not None or opts.absolute_slo_ms is not None:
             deadline = deadline_from(self._loop, opts.relative_slo_ms, opts.absolute_slo_ms)
+        router = self._router
+        http = opts.http
+        if router.legacy_requests:
+            args = legacy_request(args, kwargs, http)
+            kwargs = {}
         call = Call(
             self._endpoint,
             args,
@@ -127,11 +144,12 @@ class ServeHandle:
             deadline=deadline,
             parent=call_var.get(),
         )
+        if http is not None:
+            call.http = http
         call_var.set(call)
-        router = self._router
         try:
             if opts.missing_ok and self._endpoint not in router.endpoints:
-                await router.wait_for_endpoint(self._endpoint)
+                await router.wait_for_endpoint(self._endpoint, deadline)
             return await router.enter(call)
         except asyncio.CancelledError:
             if self._owner.closed:
@@ -163,16 +181,39 @@ class ServeHandle:
             return self._owner.spawn(coro, self_removing=True, loop=running)
         return asyncio.wrap_future(spawn_threadsafe(self._owner, self._loop, coro), loop=running)
 
-    def on_own_loop(self) -> bool:
-        """Whether the caller runs on the instance's own event loop."""
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
+    def remote_threadsafe(self, *args: Any, **kwargs: Any) -> ServeFuture[Any]:
+        """Send a request from any thread; returns a :class:`ServeFuture` (a
+        ``concurrent.futures.Future`` that can also be awaited)."""
+        future: ServeFuture[Any] = ServeFuture(self._loop_thread)
+        return spawn_threadsafe(self._owner, self._loop, self._call(args, kwargs), future)  # type: ignore[return-value]
 
-    def remote_threadsafe(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        """Send a request from any thread; returns a ``concurrent.futures.Future``."""
-        return spawn_threadsafe(self._owner, self._loop, self._call(args, kwargs))
+
+class ServeFuture(concurrent.futures.Future[T]):
+    """The result of a sync handle's ``remote()``: a ``concurrent.futures.Future`` (``.result()``
+    in plain threads, ``ray.get`` style) that can also be awaited in async code, on the
+    instance's own loop or any other, as 1.x code does inside async backends
+    (``await serve.get_handle("m").remote(x)``).
+
+    ``.result()`` on the instance's own loop thread, before the result is there, would deadlock:
+    it raises :class:`ServeError` saying to ``await`` instead.
+    """
+
+    def __init__(self, loop_thread: int | None = None) -> None:
+        super().__init__()
+        self._loop_thread = loop_thread
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+    def result(self, timeout: float | None = None) -> T:
+        """The result, waiting up to ``timeout`` seconds (``concurrent.futures`` semantics)."""
+        if not self.done() and _get_ident() == self._loop_thread:
+            raise ServeError(
+                "The result of a sync handle call was waited for with .result() on the aioserve "
+                "instance's own event loop thread (in an async backend?); that would deadlock. "
+                "Use 'await handle.remote(...)' there instead."
+            )
+        return super().result(timeout)
 
 
 RayServeHandle = ServeHandle

@@ -28,7 +28,13 @@ from .exceptions import ConfigError, EndpointNotFound, NoTraffic, RouteConflict,
 from .metrics import Metrics, Series
 from .policy import Chooser, RoutePolicy, TrafficTable, make_chooser
 
-__all__ = ["MAX_SHADOWS_IN_FLIGHT", "Endpoint", "Router", "check_route"]
+__all__ = [
+    "MAX_SHADOWS_IN_FLIGHT",
+    "MISSING_ENDPOINT_WAIT_S",
+    "Endpoint",
+    "Router",
+    "check_route",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ MAX_SHADOWS_IN_FLIGHT = 1000
 # Reading an enum member costs about 50 ns on 3.11; the request path compares with this instead.
 _RUNNING = Lifecycle.RUNNING
 SYSTEM_PREFIX = "/-/"
+# How long a call through a missing_ok handle waits for its endpoint when it has no deadline.
+MISSING_ENDPOINT_WAIT_S = 30.0
 
 
 def check_route(route: str) -> None:
@@ -108,6 +116,9 @@ class Router:
         self._dynamic: list[Endpoint] = []
         self._shadows = TaskOwner("shadow copies")
         self._endpoint_waiters: dict[str, list[asyncio.Future[Endpoint]]] = {}
+        self._warned_missing: set[str] = set()
+        # The 1.x switch: handle calls arrive as one Python-side request (see Serve).
+        self.legacy_requests = False
 
     def __repr__(self) -> str:
         return (
@@ -191,16 +202,37 @@ class Router:
             or (ep.table is not None and backend_tag in ep.table.traffic)
         )
 
-    async def wait_for_endpoint(self, name: str) -> Endpoint:
-        """Wait until an endpoint called ``name`` exists."""
+    async def wait_for_endpoint(self, name: str, deadline: float | None = None) -> Endpoint:
+        """Wait until an endpoint called ``name`` exists: until ``deadline`` (``loop.time()``
+        seconds), or at most :data:`MISSING_ENDPOINT_WAIT_S`; then :class:`EndpointNotFound`.
+
+        A warning is logged once per name when calls start waiting for it.
+        """
         endpoint = self.endpoints.get(name)
         if endpoint is not None:
             return endpoint
-        future: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
-        waiters = self._endpoint_waiters.setdefault(name, [])
+        loop = asyncio.get_running_loop()
+        timeout = MISSING_ENDPOINT_WAIT_S if deadline is None else max(deadline - loop.time(), 0)
+        future: asyncio.Future[Endpoint] = loop.create_future()
+        waiters = self._endpoint_waiters.get(name)
+        if waiters is None:
+            waiters = self._endpoint_waiters[name] = []
+            if name not in self._warned_missing:
+                self._warned_missing.add(name)
+                logger.warning(
+                    "A call through a missing_ok handle waits for endpoint %r, which does not "
+                    "exist yet; it fails with EndpointNotFound after %.1f s.",
+                    name,
+                    timeout,
+                )
         waiters.append(future)
         try:
-            return await future
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise EndpointNotFound(
+                f"No endpoint named {name!r} appeared within {timeout:.1f} s of waiting "
+                f"(missing_ok handle). Create it, or give the call a longer deadline."
+            ) from None
         finally:
             if future in waiters:
                 waiters.remove(future)

@@ -13,6 +13,7 @@ thread and then runs
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -66,6 +67,8 @@ class InProcessRunner:
         # method -> (bound handler, kind, {number of positional args: call mode})
         self._methods: dict[str | None, tuple[Callable[..., Any], Kind, dict[int, Any]]] = {}
         self._running: set[asyncio.Task[Any]] = set()
+        # Callers waiting for a sync call on the replica's thread (kill() lets them go).
+        self._waiting_on_thread: set[asyncio.Future[Any]] = set()
         self._batch_queues: list[BatchQueue[Any, Any]] = []
         self._killed = False
         self._closed = False
@@ -129,10 +132,19 @@ class InProcessRunner:
             raise ReplicaStopped(f"Replica {self.replica_tag} was stopped during the stream.")
 
     def kill(self) -> None:
-        """Cancel the async calls running now; they fail with :class:`ReplicaStopped`."""
+        """Stop serving at once: the async calls running now are cancelled, and the callers
+        waiting on the replica's thread (running or queued there) stop waiting; all of them fail
+        with :class:`ReplicaStopped`.
+
+        A thread cannot be killed: a sync handler that is running goes on until it returns, on its
+        own; its result is discarded and the replica's thread ends after it. Calls queued behind it
+        never run. The thread is a daemon, so one stuck for good never keeps the process alive.
+        """
         self._killed = True
         for task in list(self._running):
             task.cancel()
+        for waiter in list(self._waiting_on_thread):
+            waiter.cancel()  # also cancels the thread's future if it has not started yet
 
     async def aclose(self) -> None:
         """Stop: close the batch queues user code made, drop queued thread calls. Idempotent."""
@@ -185,7 +197,7 @@ class InProcessRunner:
                 key = (method, len(args))
                 mode = by_nargs[len(args)] = self.callable.mode_for(key, fn, args, kwargs)
         if mode:
-            args, kwargs = adapt(mode, args, kwargs)
+            args, kwargs = adapt(mode, args, kwargs, call.http)
         if kind is _ASYNC:
             # Inline, not a helper coroutine: this is the hot path (one frame less per call).
             task = current_task(self._loop)
@@ -225,25 +237,31 @@ class InProcessRunner:
         ctx = contextvars.copy_context()
         ctx.run(self._enter)  # a variable it sets stays in the thread's copy
         future = self._submit(ctx, fn, *args, **kwargs)
-        task = current_task(self._loop)
-        assert task is not None  # always called from a task: we are in a coroutine
-        self._running.add(task)
         try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
+            return await self._wait_thread(future)
+        except (asyncio.CancelledError, ReplicaStopped):
             if not future.done():
                 # The thread may be running it: the slot stays taken until the thread is done.
                 call.lingering = asyncio.wrap_future(future)
-            if self._killed and task.uncancel() == 0:
-                # Stopped (forced deletion, or a drain that ran out of time): the caller gets an
-                # answer now, even if the thread goes on running user code it cannot be made to
-                # leave; the thread is a daemon, so it never keeps the process alive.
+            raise
+
+    async def _wait_thread(self, future: concurrent.futures.Future[Any]) -> Any:
+        """Wait for work on the replica's thread; :meth:`kill` lets the waiter go at once."""
+        waiter = asyncio.wrap_future(future)
+        self._waiting_on_thread.add(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            task = current_task(self._loop)
+            if self._killed and (task is None or not task.cancelling()):
+                # kill() let go of the call (the caller itself was not cancelled): the caller
+                # learns at once; a thread stuck in the handler is left to finish on its own.
                 raise ReplicaStopped(
-                    f"Replica {self.replica_tag} was stopped before the request finished."
+                    f"Replica {self.replica_tag} was stopped while serving the request."
                 ) from None
             raise
         finally:
-            self._running.discard(task)
+            self._waiting_on_thread.discard(waiter)
 
     def _submit(
         self, ctx: contextvars.Context, fn: Callable[..., Any], *args: Any, **kwargs: Any
@@ -304,13 +322,14 @@ class _ThreadStream(Stream):
 
     async def __anext__(self) -> Any:
         future = self._runner._submit(self._ctx, _next_or_done, self._items)
-        item = await asyncio.wrap_future(future)
+        item = await self._runner._wait_thread(future)
         if item is _DONE:
             raise StopAsyncIteration
         return item
 
     async def aclose(self) -> None:
         close = getattr(self._items, "close", None)
-        if close is not None:
+        # A stopped replica's thread may be stuck in the generator: leave it to that thread.
+        if close is not None and not self._runner._killed:
             with contextlib.suppress(ReplicaStopped):  # the replica is gone, its thread with it
                 await asyncio.wrap_future(self._runner._submit(self._ctx, close))

@@ -19,7 +19,7 @@ from ._importer import import_attr
 from ._types import Lifecycle
 from .backend import Backend
 from .callable import UserCallable
-from .config import BackendConfig, HandleOptions, HTTPOptions
+from .config import BackendConfig, HandleOptions, HTTPOptions, check_http_method
 from .context import install_log_context
 from .exceptions import (
     BackendInUse,
@@ -54,6 +54,15 @@ class Serve:
         async with Serve(http_options={"port": 8000}) as s:
             await s.create_backend("echo", echo)
             await s.create_endpoint("echo", backend="echo", route="/echo")
+
+    ``legacy_requests=True`` is the switch for unmodified Ray 1.x apps: every handle call to this
+    instance's backends arrives as one Python-side request, as 1.x delivered it.
+    ``handle.remote(data, **kwargs)`` gives the handler a request whose ``await request.body()``
+    and ``await request.json()`` return ``data`` and whose ``query_params`` are ``kwargs`` (a
+    batching backend gets a list of such requests, so keyword-only calls batch too). A Starlette
+    request passed alone is forwarded unchanged; more than one positional argument is a
+    ``TypeError``. HTTP requests are unaffected. Off by default: handlers get exactly the given
+    arguments (the Ray 2 convention).
     """
 
     def __init__(
@@ -67,6 +76,7 @@ class Serve:
         gc_window_seconds: int = 3600,
         access_log: bool = False,
         kv_store_path: str | os.PathLike[str] | None = None,
+        legacy_requests: bool = False,
     ) -> None:
         self.http_options = HTTPOptions.coerce(http_options)
         policy = RoutePolicy.parse(queueing_policy)
@@ -85,6 +95,7 @@ class Serve:
             rng=rng,
             metrics=self.metrics,
         )
+        self._router.legacy_requests = bool(legacy_requests)
         self._http = HTTPApp(
             self._router, debug=debug, access_log=access_log, options=self.http_options
         )
@@ -358,7 +369,16 @@ class Serve:
         if isinstance(target, str):
             # Importing runs the user's module code: never on the event loop.
             target = await asyncio.to_thread(import_attr, target)
-        user_callable = UserCallable(target, tuple(init_args))
+        try:
+            user_callable = UserCallable(
+                target, tuple(init_args), from_import_path=isinstance(func_or_class, str)
+            )
+        except ConfigTypeError as exc:
+            if not isinstance(func_or_class, str):
+                raise
+            raise ConfigTypeError(
+                f"The import path {func_or_class!r} does not name a function or a class: {exc}"
+            ) from exc
         # With persistence on, what cannot be stored is refused now, before anything starts.
         record = (
             BackendRecord.of(backend_tag, func_or_class, init_args, cfg)
@@ -411,14 +431,15 @@ class Serve:
     ) -> None:
         """Change a live backend's config; returns once the change is in force.
 
-        A dict changes only the fields it names; a BackendConfig replaces the whole config.
+        Only the fields the caller gave change: a dict's keys, or the fields set explicitly on a
+        ``BackendConfig`` (given to its constructor or assigned since, as in 1.x).
         """
         async with self._lock:
             self._check_running()
             backend = self._backend(backend_tag)
             new = backend.config.updated(config_options)
             if isinstance(config_options, BackendConfig):
-                reconfigure = config_options.user_config is not None
+                reconfigure = "user_config" in config_options.fields_set
             else:
                 reconfigure = "user_config" in config_options
             record = self._records.get(backend_tag)
@@ -552,7 +573,13 @@ class Serve:
         method_name: str | None = None,
         shard_key: str | None = None,
     ) -> ServeHandle:
-        """An async handle to an endpoint (``KeyError`` if unknown, unless ``missing_ok``)."""
+        """An async handle to an endpoint (``KeyError`` if unknown, unless ``missing_ok``).
+
+        With ``missing_ok`` a call waits for the endpoint to exist: until the call's deadline
+        (``relative_slo_ms``/``absolute_slo_ms``), or at most
+        :data:`~aioserve.router.MISSING_ENDPOINT_WAIT_S` (30 s); then it fails with
+        :class:`EndpointNotFound`. One warning per endpoint name is logged while calls wait.
+        """
         self._check_running()
         if not missing_ok and endpoint_name not in self._router.endpoints:
             raise self._router.not_found(endpoint_name)
@@ -582,4 +609,4 @@ def _methods(methods: Iterable[str] | str) -> tuple[str, ...]:
         raise ConfigTypeError(f"methods must be a list of str, got {methods!r}.") from None
     if not items or not all(isinstance(m, str) and m for m in items):
         raise ConfigTypeError(f"methods must be a non-empty list of str, got {methods!r}.")
-    return tuple(dict.fromkeys(m.upper() for m in items))
+    return tuple(dict.fromkeys(check_http_method(m) for m in items))

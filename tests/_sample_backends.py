@@ -28,6 +28,15 @@ def shout(text: str) -> str:
     return text.upper()
 
 
+class ListDoubler:
+    """A 1.3-style batch backend given by import path: not marked @accept_batch, it takes a list
+    (of values, or of 1.x requests with the legacy_requests switch) and returns a list."""
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        values = [await item.json() if hasattr(item, "json") else item for item in items]
+        return [{"doubled": value * 2, "batch_size": len(items)} for value in values]
+
+
 class Gate:
     """Async handlers wait at a gate: tests see who is inside, then open it.
 

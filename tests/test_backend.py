@@ -376,7 +376,7 @@ async def test_list_backends_shape(serve: Serve) -> None:
                   "max_concurrent_queries": 8},
     }  # fmt: skip
     for tag, info in listed.items():
-        assert type(info) is dict
+        assert isinstance(info, dict)
         assert {**common, **expected[tag]}.items() <= info.items(), tag
     # A snapshot: changing it changes nothing.
     listed["sync"]["num_replicas"] = 99
@@ -512,13 +512,13 @@ async def test_bad_update_raises_and_changes_nothing(
     assert await handle.remote() == (log[0][1], {"v": 1})
 
 
-async def test_bad_update_with_a_mutated_config_object(serve: Serve) -> None:
+async def test_bad_assignment_to_a_config_object_changes_nothing(serve: Serve) -> None:
     await deploy(serve, "x", double)
     config = serve.get_backend_config("x")
-    config.num_replicas = 0
     before = serve.list_backends()
     with pytest.raises(ValueError, match="num_replicas"):
-        await serve.update_backend_config("x", config)
+        config.num_replicas = 0
+    await serve.update_backend_config("x", config)
     assert serve.list_backends() == before
 
 

@@ -759,14 +759,14 @@ untyped_batch: Any = batch  # the misuses below are type errors too; test the ru
         (
             lambda: untyped_batch(_sync),
             TypeError,
-            "only be used on async functions, got <function _sync",
+            "must be 'async def', got <function _sync",
         ),
         (
             lambda: untyped_batch(max_batch_size=2)(_sync),
             TypeError,
-            "only be used on async functions",
+            "must be 'async def'",
         ),
-        (lambda: untyped_batch(_agen), TypeError, "only be used on async functions"),
+        (lambda: untyped_batch(_agen), TypeError, "must be 'async def'"),
         (lambda: untyped_batch(5), TypeError, "as keywords"),
         (lambda: untyped_batch(_no_args), ConfigTypeError, "takes the list of items"),
         (lambda: untyped_batch(_three), ConfigTypeError, "takes the list of items"),

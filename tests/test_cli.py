@@ -127,11 +127,11 @@ def test_an_error_while_building_exits_2_with_the_key_path(tmp_path: Path) -> No
     bad.write_text(
         '[[backends]]\ntag = "pid"\ntarget = "examples.deployment:pid"\n\n'
         '[[backends]]\ntag = "hello"\ntarget = "examples.deployment:hello"\n'
-        "config = { max_batch_size = 4 }\n"
+        "config = { user_config = 4 }\n"
     )
     done = _run_to_exit(str(bad), "--port", "0")
     assert done.returncode == 2
-    assert f"{bad}:5: backends[1]: Backend 'hello': max_batch_size=4 needs" in done.stderr
+    assert f"{bad}:5: backends[1]: Backend 'hello': user_config needs" in done.stderr
     assert done.stdout == ""  # never announced as serving
 
 
@@ -139,11 +139,11 @@ def test_an_error_while_building_in_workers_stops_them_all(tmp_path: Path) -> No
     bad = tmp_path / "build.toml"
     bad.write_text(
         '[[backends]]\ntag = "hello"\ntarget = "examples.deployment:hello"\n'
-        "config = { max_batch_size = 4 }\n"
+        "config = { user_config = 4 }\n"
     )
     done = _run_to_exit(str(bad), "--workers", "2", "--port", str(_free_port()))
     assert done.returncode == 2
-    assert f"{bad}:1: backends[0]: Backend 'hello': max_batch_size=4 needs" in done.stderr
+    assert f"{bad}:1: backends[0]: Backend 'hello': user_config needs" in done.stderr
     assert "failed to start" in done.stderr  # uvicorn stopped the parent
     assert done.stdout == ""
 

@@ -183,11 +183,23 @@ def test_coerce_rejects_non_mapping(bad: object) -> None:
         BackendConfig.coerce(bad)  # type: ignore[arg-type]
 
 
-def test_coerce_revalidates_a_mutated_config() -> None:
+def test_a_config_is_validated_when_a_field_is_assigned() -> None:
     config = BackendConfig(num_replicas=2)
-    config.num_replicas = 0
     with pytest.raises(ValueError, match="num_replicas"):
-        BackendConfig.coerce(config)
+        config.num_replicas = 0
+    assert BackendConfig.coerce(config).num_replicas == 2
+
+
+def test_a_config_remembers_the_fields_set_explicitly() -> None:
+    config = BackendConfig(num_replicas=2)
+    assert config.fields_set == {"num_replicas"}
+    config.user_config = {"a": 1}
+    assert config.fields_set == {"num_replicas", "user_config"}
+    assert BackendConfig.coerce(config).fields_set == config.fields_set
+    base = BackendConfig(max_batch_size=4, user_config="u", num_replicas=3)
+    assert base.updated(BackendConfig(num_replicas=1)) == BackendConfig(
+        max_batch_size=4, user_config="u", num_replicas=1
+    )
 
 
 def test_coerce_returns_a_copy() -> None:
@@ -360,7 +372,9 @@ def test_http_options_reject_bad_value_naming_field_and_value(
     ],
 )
 def test_http_options_accept_good_value(field: str, value: Any) -> None:
-    assert getattr(HTTPOptions.coerce({field: value}), field) == value
+    # location=None means no server, and is reported as such (as 1.x's validator did).
+    expected = "NoServer" if (field, value) == ("location", None) else value
+    assert getattr(HTTPOptions.coerce({field: value}), field) == expected
 
 
 def test_http_options_unknown_key_is_a_value_error_naming_it() -> None:
@@ -383,7 +397,7 @@ def test_http_options_port_rule(port: Any) -> None:
 @given(st.one_of(st.none(), st.text(max_size=12)))
 def test_http_options_location_rule(location: str | None) -> None:
     if location in (None, "HeadOnly", "EveryNode", "NoServer"):
-        assert HTTPOptions.coerce({"location": location}).location == location
+        assert HTTPOptions.coerce({"location": location}).location == (location or "NoServer")
     else:
         with pytest.raises(ValueError, match="location"):
             HTTPOptions.coerce({"location": location})
