@@ -61,6 +61,23 @@ def check_seconds(name: str, value: object) -> float:
     return float(value)
 
 
+WaitPolicy = Literal["adaptive", "fixed"]
+"""How long a batch waits for more requests (see :mod:`aioserve.batchqueue`): ``"adaptive"``
+treats the wait timeout as an upper bound, ``"fixed"`` waits until the batch is full or the
+timeout passes."""
+_WAIT_POLICIES: tuple[str, ...] = ("adaptive", "fixed")
+
+
+def check_wait_policy(name: str, value: object) -> WaitPolicy:
+    """Return ``value`` if it is a :data:`WaitPolicy`; else raise :class:`ConfigError`."""
+    if value not in _WAIT_POLICIES:
+        raise ConfigError(
+            f"{name} must be one of {', '.join(map(repr, _WAIT_POLICIES))}, got {value!r}."
+        )
+    policy: WaitPolicy = value  # type: ignore[assignment]
+    return policy
+
+
 @dataclasses.dataclass
 class BackendConfig:
     """How a backend runs: replicas, batching, concurrency and queue limits, user config.
@@ -77,6 +94,7 @@ class BackendConfig:
     user_config: Any = None
     graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 20.0
+    batch_wait_policy: WaitPolicy = "adaptive"
 
     def __post_init__(self) -> None:
         check_int("num_replicas", self.num_replicas, minimum=1, optional=False)
@@ -86,6 +104,7 @@ class BackendConfig:
         check_int("max_queued_queries", self.max_queued_queries, minimum=1, optional=True)
         check_seconds("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)
         check_seconds("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s)
+        check_wait_policy("batch_wait_policy", self.batch_wait_policy)
         self.batch_wait_timeout = float(self.batch_wait_timeout)
 
     @classmethod
