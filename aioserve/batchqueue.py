@@ -487,9 +487,29 @@ class BatchQueue(Generic[T, R]):
                 ),
             )
             return
+        self._start_next_batch()
         for entry, result in zip(entries, results, strict=True):
             if not entry.future.done():
                 entry.future.set_result(result)
+
+    def _start_next_batch(self) -> None:
+        """Hand this batch's capacity to the next batch before answering this one's callers.
+
+        The next batch's task is then scheduled ahead of the callers' wake-ups, so a batch run
+        on a thread works while the loop sends this batch's responses, instead of after.
+        """
+        task = cast("asyncio.Task[None]", asyncio.current_task())
+        entries = self._running.pop(task, None)
+        if entries is None or not len(self._waiting) or not self._has_capacity():
+            if entries is not None:
+                self._running[task] = entries
+            return
+        now = self._now()
+        if self._flush_at(now) > now or not self._start_batch(asyncio.get_running_loop()):
+            self._running[task] = entries  # the worker decides, as usual
+            return
+        # Every entry of the finished batch is answered just below; the worker is woken.
+        self._notify()
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         """Forget a finished batch and fail callers it left unanswered (cancelled by aclose()).

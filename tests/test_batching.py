@@ -214,9 +214,10 @@ async def test_a_deadline_that_passes_while_the_loop_is_blocked_is_never_dispatc
         batches.append(list(items))
         if items == ["slow"]:
             await gate.wait()
-            # Runs before the queue hears that this batch finished: the next batch is formed
-            # after the waiting item's deadline passed, before its deadline timer could run.
-            asyncio.get_running_loop().call_soon(_block_loop, 0.05)
+            # Holds the loop past the waiting item's deadline before the queue hears that this
+            # batch finished: the next batch is formed after that deadline, before its timer
+            # could run.
+            _block_loop(0.05)
         return items
 
     loop = asyncio.get_running_loop()

@@ -295,3 +295,27 @@ async def test_a_sync_batch_method_runs_on_its_replica_thread_and_batches_fill(
     assert sizes == [1, 1, 4, 4]
     assert all(name.startswith("aioserve-model#") for name in threads), threads
     assert threading.current_thread().name not in threads
+
+
+async def test_the_next_batch_starts_before_the_callers_of_the_last_one_are_answered() -> None:
+    # So that a batch run on a thread works while the loop answers the last batch's callers.
+    seen: list[bool] = []
+    gate = asyncio.Event()
+    first: asyncio.Task[Any] | None = None
+
+    async def dispatch(items: list[int]) -> list[int]:
+        if items == [0]:
+            await gate.wait()
+        else:
+            assert first is not None
+            seen.append(first.done())
+        return items
+
+    async with BatchQueue(dispatch, max_batch_size=2, batch_wait_timeout_s=LONG) as q:
+        first = asyncio.create_task(q.submit(0))
+        await wait_until(lambda: q.running == 1, "the first item dispatched alone")
+        rest = [asyncio.create_task(q.submit(i)) for i in (1, 2)]
+        await wait_until(lambda: q.queued == 2, "a full batch queued behind it")
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(first, *rest), HANG_GUARD_S) == [0, 1, 2]
+    assert seen == [False]
