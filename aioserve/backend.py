@@ -245,6 +245,7 @@ class Backend:
             queue.configure(
                 max_batch_size=new.max_batch_size or 1,
                 batch_wait_timeout_s=new.batch_wait_timeout,
+                batch_wait_policy=new.batch_wait_policy,
                 max_queued=new.max_queued_queries,
             )
         self._grant_free_slots()
@@ -397,7 +398,9 @@ class Backend:
                 self._release(future.result())  # handed a slot just as the caller gave up
             raise
         if self.metrics is not None:
-            self.metrics.observe_queue_wait(self.tag, loop.time() - waiter.arrival)
+            self.metrics.observe_queue_wait(
+                self.tag, call.method or "__call__", loop.time() - waiter.arrival
+            )
         return replica
 
     def _waiting_first(self, method: str | None) -> bool:
@@ -475,13 +478,16 @@ class Backend:
                 functools.partial(self._run_batch, method),
                 max_batch_size=self.config.max_batch_size or 1,
                 batch_wait_timeout_s=self.config.batch_wait_timeout,
+                batch_wait_policy=self.config.batch_wait_policy,
                 max_queued=self.config.max_queued_queries,
                 name=self.tag,
                 acquire=functools.partial(self._acquire_for_batch, method),
                 give_back=functools.partial(self._give_back_batch_slot, method),
             )
             if self.metrics is not None:
-                queue.on_batch = functools.partial(self.metrics.observe_batch, self.tag)
+                label = method or "__call__"
+                queue.on_batch = functools.partial(self.metrics.observe_batch, self.tag, label)
+                queue.on_wait = functools.partial(self.metrics.observe_queue_wait, self.tag, label)
         if call.prefetch is not None and not self.callable.is_async:
             await call.prefetch()  # a sync batch handler reads bodies with get_data()
         if call.on_wait is not None:

@@ -1,6 +1,11 @@
 """The batching decorators: :func:`accept_batch` (the legacy marker a backend reads) and
 :func:`batch` (Ray 1.3's ``@serve.batch``, which builds a :class:`~aioserve.batchqueue.BatchQueue`
 per instance, or per function and event loop, on first call).
+
+A batched function may be ``async def`` (its batches run on the event loop) or a plain ``def``
+(its batches run off the loop: on the replica's thread when :data:`sync_batch_runner` says so, as
+it does inside a replica, else in the loop's default thread pool). Either way callers ``await``
+the decorated callable with one item.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import MethodType
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, NamedTuple, Protocol, TypeVar, overload
 
 from .batchqueue import BatchQueue, BatchQueueStats
-from .config import check_int, check_seconds
+from .config import WaitPolicy, check_int, check_seconds, check_wait_policy
 from .exceptions import ConfigTypeError
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "accepts_batches",
     "batch",
     "queue_owner",
+    "sync_batch_runner",
 ]
 
 T = TypeVar("T")
@@ -79,6 +85,18 @@ When set, it is called with every new queue, so the owner (the replica running u
 close them when it stops. Function queues are kept per event loop and per owner.
 """
 
+SyncRunner = Callable[[Callable[[], Any]], Awaitable[Any]]
+
+sync_batch_runner: contextvars.ContextVar[SyncRunner | None] = contextvars.ContextVar(
+    "aioserve_sync_batch_runner", default=None
+)
+"""Where the batches of a sync (``def``) batched function run, for queues created in this context.
+
+When set, it is called with a function of no arguments (the batch) and returns an awaitable of its
+result; a replica sets it to run the batch on its own thread. When unset, batches run in the
+event loop's default thread pool (:func:`asyncio.to_thread`). Never on the event loop.
+"""
+
 
 class _BatchDecorator(Protocol):
     @overload
@@ -89,6 +107,16 @@ class _BatchDecorator(Protocol):
     @overload
     def __call__(
         self, func: Callable[[S, list[T]], Awaitable[Sequence[R]]], /
+    ) -> Callable[[S, T], Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def __call__(
+        self, func: Callable[[list[T]], Sequence[R]], /
+    ) -> Callable[[T], Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def __call__(
+        self, func: Callable[[S, list[T]], Sequence[R]], /
     ) -> Callable[[S, T], Coroutine[Any, Any, R]]: ...
 
 
@@ -105,8 +133,23 @@ def batch(
 
 
 @overload
+def batch(func: Callable[[list[T]], Sequence[R]], /) -> Callable[[T], Coroutine[Any, Any, R]]: ...
+
+
+@overload
 def batch(
-    func: None = None, /, *, max_batch_size: int = 10, batch_wait_timeout_s: float = 0.0
+    func: Callable[[S, list[T]], Sequence[R]], /
+) -> Callable[[S, T], Coroutine[Any, Any, R]]: ...
+
+
+@overload
+def batch(
+    func: None = None,
+    /,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.0,
+    batch_wait_policy: WaitPolicy = "adaptive",
 ) -> _BatchDecorator: ...
 
 
@@ -116,29 +159,40 @@ def batch(
     *,
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.0,
+    batch_wait_policy: WaitPolicy = "adaptive",
 ) -> Any:
-    """Batch calls to an ``async def`` function or method (Ray 1.3's ``@serve.batch``).
+    """Batch calls to a function or method (Ray 1.3's ``@serve.batch``), ``async def`` or not.
 
-    The decorated callable is called with one item and returns that item's result; the wrapped
+    The decorated callable is awaited with one item and returns that item's result; the wrapped
     function receives a list of items and must return a list of results of the same length::
 
         class Model:
-            @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-            async def predict(self, inputs: list[str]) -> list[str]: ...
+            @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+            def predict(self, inputs: list[list[float]]) -> list[int]:
+                return self.model.predict(inputs).tolist()  # on the replica's thread
 
-        result = await model.predict("one input")
+            async def __call__(self, request):
+                return await self.predict((await request.json())["pixels"])
 
-    A method gets one queue per instance; a function one per event loop (and per
-    :data:`queue_owner`). Usable bare (``@batch``) or with keyword arguments.
+    A sync function's batches run off the event loop (see :data:`sync_batch_runner`). A handler
+    reaches a batched method by awaiting it, so the handler is ``async def``: a sync handler runs
+    one call at a time on the replica's thread and would have nothing to batch.
+
+    ``batch_wait_timeout_s`` bounds how long a batch waits for more items; with the default
+    ``batch_wait_policy="adaptive"`` a batch that waiting cannot be expected to grow goes out at
+    once, and ``"fixed"`` always waits until the batch is full or the timeout has passed (see
+    :mod:`aioserve.batchqueue`). A method gets one queue per instance; a function one per event
+    loop (and per :data:`queue_owner`). Usable bare (``@batch``) or with keyword arguments.
     """
     given: object = max_batch_size
     if isinstance(given, float) and given.is_integer():
         given = int(given)  # 1.3 took a whole-number float
     size = check_int("max_batch_size", given)
     timeout = check_seconds("batch_wait_timeout_s", batch_wait_timeout_s)
+    settings = _Settings(size, timeout, check_wait_policy("batch_wait_policy", batch_wait_policy))
     if func is None:
-        return functools.partial(_make_batched, max_batch_size=size, batch_wait_timeout_s=timeout)
-    return _make_batched(func, max_batch_size=size, batch_wait_timeout_s=timeout)
+        return functools.partial(_make_batched, settings=settings)
+    return _make_batched(func, settings=settings)
 
 
 def _positional_arity(func: Callable[..., Any]) -> int | None:
@@ -156,17 +210,41 @@ def _positional_arity(func: Callable[..., Any]) -> int | None:
     return required
 
 
+class _Settings(NamedTuple):
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    batch_wait_policy: WaitPolicy
+
+
+def _off_the_loop(func: Callable[..., Sequence[Any]]) -> Callable[..., Awaitable[Sequence[Any]]]:
+    """The dispatch of a sync batch function: each batch runs where :data:`sync_batch_runner`
+    (read when the queue is made) says, or in the default thread pool."""
+    run: SyncRunner = sync_batch_runner.get() or asyncio.to_thread
+
+    async def dispatch(items: list[Any]) -> Sequence[Any]:
+        result: Sequence[Any] = await run(functools.partial(func, items))
+        return result
+
+    return dispatch
+
+
 def _make_batched(
-    func: Callable[..., Any], *, max_batch_size: int, batch_wait_timeout_s: float
+    func: Callable[..., Any], *, settings: _Settings
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
-    if not inspect.iscoroutinefunction(func):
+    is_async = inspect.iscoroutinefunction(func)
+    if not is_async and (
+        not (inspect.isroutine(func) or isinstance(func, functools.partial))
+        or inspect.isgeneratorfunction(func)
+        or inspect.isasyncgenfunction(func)
+    ):
         hint = (
-            ""
-            if callable(func)
-            else " Pass the settings as keywords: @serve.batch(max_batch_size=...)."
+            " Pass the settings as keywords: @serve.batch(max_batch_size=...)."
+            if not callable(func)
+            else ""
         )
         raise ConfigTypeError(
-            f"Functions decorated with @serve.batch must be 'async def', got {func!r}.{hint}"
+            f"@serve.batch can only be used on functions and methods that return a list "
+            f"(async def or def), got {func!r}.{hint}"
         )
     arity = _positional_arity(func)
     name = getattr(func, "__qualname__", repr(func))
@@ -176,13 +254,12 @@ def _make_batched(
         asyncio.AbstractEventLoop, dict[object, BatchQueue[Any, Any]]
     ] = weakref.WeakKeyDictionary()
 
-    def new_queue(
-        dispatch: Callable[[list[Any]], Awaitable[Sequence[Any]]],
-    ) -> BatchQueue[Any, Any]:
+    def new_queue(handler: Callable[[list[Any]], Any]) -> BatchQueue[Any, Any]:
         queue: BatchQueue[Any, Any] = BatchQueue(
-            dispatch,
-            max_batch_size=max_batch_size,
-            batch_wait_timeout_s=batch_wait_timeout_s,
+            handler if is_async else _off_the_loop(handler),
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=settings.batch_wait_timeout_s,
+            batch_wait_policy=settings.batch_wait_policy,
             name=name,
         )
         owner = queue_owner.get()
@@ -228,5 +305,5 @@ def _make_batched(
         queue = method_queue(args[0]) if len(args) == 2 else function_queue()
         return await queue.submit(args[-1])
 
-    wrapper.__dict__[_BATCH_PARAMS_ATTR] = (max_batch_size, batch_wait_timeout_s)
+    wrapper.__dict__[_BATCH_PARAMS_ATTR] = (settings.max_batch_size, settings.batch_wait_timeout_s)
     return wrapper

@@ -3,11 +3,22 @@
 A :class:`BatchQueue` is given an async ``dispatch(items)`` that returns one result per item, in
 order. Callers ``await queue.submit(item)`` and get their own result back. The queue forms a batch
 whenever it has capacity: with ``batch_wait_timeout_s == 0`` it takes what is queued right now;
-otherwise it waits until the batch is full or until the timeout, counted from the arrival of the
-oldest queued item, has passed. Items wait in the one deadline queue
+otherwise it may wait for more items, until the batch is full or until the timeout, counted from
+the arrival of the oldest queued item, has passed. Items wait in the one deadline queue
 (:class:`~aioserve._waitqueue.WaitQueue`): earliest deadline first, and an item whose deadline
 passes while it waits fails with :class:`~aioserve.exceptions.DeadlineExceeded` and never reaches
 the handler. This module knows nothing of replicas or backends.
+
+How long to wait (``batch_wait_policy``), decided by :func:`dispatch_at` whenever the queue has
+capacity and fewer than ``max_batch_size`` items wait:
+
+* ``"fixed"``: wait until the batch is full or the oldest item has waited the timeout.
+* ``"adaptive"`` (the default): the timeout is an upper bound. The batch goes out at once when
+  waiting cannot be expected to make it bigger: one item waits and no batch of this queue is
+  running (nothing else is in the system to join it), or the arrivals seen so far say the next
+  item will not come before the timeout (the last arrival plus the mean gap between arrivals, a
+  moving average, falls at or after it). Otherwise it waits as ``"fixed"`` does. Under load batches
+  still fill: items that arrive while a batch runs wait for capacity and go out together.
 """
 
 from __future__ import annotations
@@ -17,16 +28,17 @@ import contextlib
 import logging
 import math
 import reprlib
+import time
 from collections.abc import Awaitable, Callable, Sequence, Sized
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, Generic, TypeVar, cast
 
 from ._waitqueue import Waiter, WaitQueue
-from .config import check_int, check_seconds
+from .config import WaitPolicy, check_int, check_seconds, check_wait_policy
 from .exceptions import BatchError, ConfigTypeError, DeadlineExceeded, ServeShutdown
 
-__all__ = ["BatchQueue", "BatchQueueStats"]
+__all__ = ["BatchQueue", "BatchQueueStats", "WaitPolicy", "dispatch_at"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +57,39 @@ def _check_bound(name: str, value: object) -> int | None:
 
 
 _check_seconds = check_seconds
+
+_GAP_WEIGHT = 0.25  # weight of the newest gap in the moving average of gaps between arrivals
+
+
+def dispatch_at(
+    *,
+    now: float,
+    queued: int,
+    running: int,
+    max_batch_size: int,
+    batch_wait_timeout_s: float,
+    oldest_arrival: float,
+    last_arrival: float,
+    mean_gap_s: float,
+    policy: WaitPolicy = "adaptive",
+) -> float:
+    """When a queue with capacity should dispatch the batch it is gathering: ``now`` (or
+    earlier) means at once; otherwise the time to look again unless an item arrives first.
+
+    ``queued`` items wait, the oldest since ``oldest_arrival``, the newest since
+    ``last_arrival``; ``running`` batches of the queue are being dispatched; ``mean_gap_s`` is the
+    moving average of the gaps between arrivals (``inf`` before two arrivals). A pure function of
+    what the queue observes, so that the rule in the module docstring can be tested without a
+    clock.
+    """
+    if queued >= max_batch_size or batch_wait_timeout_s == 0:
+        return now
+    flush_at = oldest_arrival + batch_wait_timeout_s
+    if policy == "adaptive" and (
+        (queued == 1 and running == 0) or last_arrival + mean_gap_s >= flush_at
+    ):
+        return now
+    return flush_at
 
 
 def _describe(value: object) -> str:
@@ -68,6 +113,7 @@ class BatchQueueStats:
     num_items: int
     max_batch_size: int
     batch_wait_timeout_s: float
+    batch_wait_policy: WaitPolicy = "adaptive"
 
 
 class BatchQueue(Generic[T, R]):
@@ -84,6 +130,9 @@ class BatchQueue(Generic[T, R]):
     ``dispatch(items, token)``, and the owner calls :meth:`wake` when capacity may have returned.
     A token the queue ends up not using (every item expired meanwhile) goes to ``give_back``.
 
+    ``clock`` (default: the running loop's ``time``) times arrivals for ``batch_wait_policy``;
+    deadlines passed to :meth:`submit` are always on the loop's clock.
+
     The queue owns one worker task (started on the first :meth:`submit`, and again after it went
     idle) and one task per running batch; :meth:`aclose` ends them all.
     """
@@ -91,20 +140,26 @@ class BatchQueue(Generic[T, R]):
     on_batch: Callable[[int], None] | None
     """Called with each batch's size when the batch is dispatched (a metrics hook)."""
 
+    on_wait: Callable[[float], None] | None
+    """Called with each item's wait, in seconds, when its batch is dispatched (a metrics hook)."""
+
     def __init__(
         self,
         dispatch: Callable[..., Awaitable[Sequence[R]]],
         *,
         max_batch_size: int,
         batch_wait_timeout_s: float,
+        batch_wait_policy: WaitPolicy = "adaptive",
         max_concurrent_batches: int = 1,
         max_queued: int | None = None,
         name: str = "",
         acquire: Callable[[], object | None] | None = None,
         give_back: Callable[[Any], None] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._max_batch_size = _check_size("max_batch_size", max_batch_size)
         self._batch_wait_timeout_s = _check_seconds("batch_wait_timeout_s", batch_wait_timeout_s)
+        self._policy = check_wait_policy("batch_wait_policy", batch_wait_policy)
         self._max_concurrent_batches = _check_size("max_concurrent_batches", max_concurrent_batches)
         self._dispatch = dispatch
         if (acquire is None) != (give_back is None):
@@ -113,6 +168,11 @@ class BatchQueue(Generic[T, R]):
         self._give_back = give_back
         self.name = name
         self.on_batch = None
+        self.on_wait = None
+        self._clock = clock
+        self._now: Callable[[], float] = time.monotonic if clock is None else clock
+        self._last_arrival = -math.inf
+        self._mean_gap_s = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
         self._running: dict[asyncio.Task[None], list[Waiter[T]]] = {}
@@ -133,6 +193,7 @@ class BatchQueue(Generic[T, R]):
             f"BatchQueue(name={self.name!r}, queued={self.queued}, running={self.running}, "
             f"max_batch_size={self._max_batch_size}, "
             f"batch_wait_timeout_s={self._batch_wait_timeout_s}, "
+            f"batch_wait_policy={self._policy!r}, "
             f"max_concurrent_batches={self._max_concurrent_batches}, "
             f"max_queued={self._waiting.max_len}, closed={self._closing})"
         )
@@ -173,6 +234,7 @@ class BatchQueue(Generic[T, R]):
             num_items=self._num_items,
             max_batch_size=self._max_batch_size,
             batch_wait_timeout_s=self._batch_wait_timeout_s,
+            batch_wait_policy=self._policy,
         )
 
     def configure(
@@ -180,6 +242,7 @@ class BatchQueue(Generic[T, R]):
         *,
         max_batch_size: int | None = None,
         batch_wait_timeout_s: float | None = None,
+        batch_wait_policy: WaitPolicy | None = None,
         max_concurrent_batches: int | None = None,
         max_queued: int | EllipsisType | None = ...,
     ) -> None:
@@ -193,6 +256,11 @@ class BatchQueue(Generic[T, R]):
             None
             if batch_wait_timeout_s is None
             else _check_seconds("batch_wait_timeout_s", batch_wait_timeout_s)
+        )
+        policy = (
+            None
+            if batch_wait_policy is None
+            else check_wait_policy("batch_wait_policy", batch_wait_policy)
         )
         concurrency = (
             None
@@ -208,6 +276,8 @@ class BatchQueue(Generic[T, R]):
             self._max_batch_size = size
         if timeout is not None:
             self._batch_wait_timeout_s = timeout
+        if policy is not None:
+            self._policy = policy
         if concurrency is not None:
             self._max_concurrent_batches = concurrency
         self._waiting.max_len = bound
@@ -244,6 +314,8 @@ class BatchQueue(Generic[T, R]):
                     "create one queue per loop."
                 )
             self._loop = loop
+            if self._clock is None:
+                self._now = loop.time
         now = loop.time()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(
@@ -251,6 +323,12 @@ class BatchQueue(Generic[T, R]):
                 f"batch queue {self.name!r}; it was not run."
             )
         waiter = self._waiting.put(loop, item, deadline)
+        arrival = waiter.arrival = self._now()
+        if self._last_arrival != -math.inf:
+            gap = arrival - self._last_arrival
+            mean = self._mean_gap_s
+            self._mean_gap_s = gap if mean == math.inf else mean + _GAP_WEIGHT * (gap - mean)
+        self._last_arrival = arrival
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work(), name=f"aioserve-batch-worker:{self.name}")
         self._notify()
@@ -297,15 +375,21 @@ class BatchQueue(Generic[T, R]):
         if self._closing and not len(self._waiting) and not self._running:
             self._drained.set()
 
-    def _flush_at(self) -> float:
-        """When the batch being gathered must go out: now, or the oldest item's timeout."""
-        if (
-            self._closing
-            or self._batch_wait_timeout_s == 0
-            or len(self._waiting) >= self._max_batch_size
-        ):
-            return -math.inf
-        return self._waiting.oldest_arrival + self._batch_wait_timeout_s
+    def _flush_at(self, now: float) -> float:
+        """When the batch being gathered must go out: ``now`` (at once) or later."""
+        if self._closing:
+            return now
+        return dispatch_at(
+            now=now,
+            queued=len(self._waiting),
+            running=len(self._running),
+            max_batch_size=self._max_batch_size,
+            batch_wait_timeout_s=self._batch_wait_timeout_s,
+            oldest_arrival=self._waiting.oldest_arrival,
+            last_arrival=self._last_arrival,
+            mean_gap_s=self._mean_gap_s,
+            policy=self._policy,
+        )
 
     def _has_capacity(self) -> bool:
         return self._acquire is not None or len(self._running) < self._max_concurrent_batches
@@ -315,16 +399,17 @@ class BatchQueue(Generic[T, R]):
         loop = asyncio.get_running_loop()
         while len(self._waiting):
             self._wakeup.clear()
-            flush_at: float | None = None
+            delay: float | None = None
             if self._has_capacity():
-                flush_at = self._flush_at()
-                if flush_at <= loop.time():
+                now = self._now()
+                delay = self._flush_at(now) - now
+                if delay <= 0:
                     if self._start_batch(loop):
                         continue
-                    flush_at = None  # no capacity after all: wait for wake()
+                    delay = None  # no capacity after all: wait for wake()
             timer = None
-            if flush_at is not None and flush_at != math.inf:
-                timer = loop.call_at(flush_at, self._wakeup.set)
+            if delay is not None and delay != math.inf:
+                timer = loop.call_later(delay, self._wakeup.set)
             try:
                 await self._wakeup.wait()
             finally:
@@ -352,6 +437,13 @@ class BatchQueue(Generic[T, R]):
             return True
         self._num_batches += 1
         self._num_items += len(entries)
+        if self.on_wait is not None:
+            dispatched = self._now()
+            try:
+                for entry in entries:
+                    self.on_wait(dispatched - entry.arrival)
+            except Exception:
+                logger.exception("The on_wait hook of batch queue %r raised", self.name)
         if self.on_batch is not None:
             try:
                 self.on_batch(len(entries))
@@ -400,9 +492,29 @@ class BatchQueue(Generic[T, R]):
                 ),
             )
             return
+        self._start_next_batch()
         for entry, result in zip(entries, results, strict=True):
             if not entry.future.done():
                 entry.future.set_result(result)
+
+    def _start_next_batch(self) -> None:
+        """Hand this batch's capacity to the next batch before answering this one's callers.
+
+        The next batch's task is then scheduled ahead of the callers' wake-ups, so a batch run
+        on a thread works while the loop sends this batch's responses, instead of after.
+        """
+        task = cast("asyncio.Task[None]", asyncio.current_task())
+        entries = self._running.pop(task, None)
+        if entries is None or not len(self._waiting) or not self._has_capacity():
+            if entries is not None:
+                self._running[task] = entries
+            return
+        now = self._now()
+        if self._flush_at(now) > now or not self._start_batch(asyncio.get_running_loop()):
+            self._running[task] = entries  # the worker decides, as usual
+            return
+        # Every entry of the finished batch is answered just below; the worker is woken.
+        self._notify()
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         """Forget a finished batch and fail callers it left unanswered (cancelled by aclose()).

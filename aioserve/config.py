@@ -78,6 +78,23 @@ def check_seconds(name: str, value: object) -> float:
     return float(value)
 
 
+WaitPolicy = Literal["adaptive", "fixed"]
+"""How long a batch waits for more requests (see :mod:`aioserve.batchqueue`): ``"adaptive"``
+treats the wait timeout as an upper bound, ``"fixed"`` waits until the batch is full or the
+timeout passes."""
+_WAIT_POLICIES: tuple[str, ...] = ("adaptive", "fixed")
+
+
+def check_wait_policy(name: str, value: object) -> WaitPolicy:
+    """Return ``value`` if it is a :data:`WaitPolicy`; else raise :class:`ConfigError`."""
+    if value not in _WAIT_POLICIES:
+        raise ConfigError(
+            f"{name} must be one of {', '.join(map(repr, _WAIT_POLICIES))}, got {value!r}."
+        )
+    policy: WaitPolicy = value  # type: ignore[assignment]
+    return policy
+
+
 _UNSET_FIELD: Any = object()
 
 # Per-field validators: each returns the value to store, or raises naming the field.
@@ -90,6 +107,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "user_config": lambda n, v: v,
     "graceful_shutdown_wait_loop_s": check_seconds,
     "graceful_shutdown_timeout_s": check_seconds,
+    "batch_wait_policy": check_wait_policy,
 }
 
 
@@ -114,6 +132,7 @@ class BackendConfig:
     user_config: Any = None
     graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 20.0
+    batch_wait_policy: WaitPolicy = "adaptive"
 
     def __init__(
         self,
@@ -126,6 +145,7 @@ class BackendConfig:
         user_config: Any = _UNSET_FIELD,
         graceful_shutdown_wait_loop_s: float = _UNSET_FIELD,
         graceful_shutdown_timeout_s: float = _UNSET_FIELD,
+        batch_wait_policy: WaitPolicy = _UNSET_FIELD,
         experimental_graceful_shutdown_wait_loop_s: float = _UNSET_FIELD,
         experimental_graceful_shutdown_timeout_s: float = _UNSET_FIELD,
     ) -> None:
@@ -138,6 +158,7 @@ class BackendConfig:
             "user_config": user_config,
             "graceful_shutdown_wait_loop_s": graceful_shutdown_wait_loop_s,
             "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
+            "batch_wait_policy": batch_wait_policy,
         }
         wait_loop_s = experimental_graceful_shutdown_wait_loop_s
         experimental = {

@@ -272,8 +272,9 @@ class Metrics:
         self.num_shadows_dropped = 0
         self._clock = clock
         self._series: dict[tuple[str, str], Series] = {}
-        self._queue_wait: dict[str, _Histogram] = {}
-        self._batch_size: dict[str, _Histogram] = {}
+        # Keyed by (backend, method): the method a request called, or the batched method.
+        self._queue_wait: dict[tuple[str, str], _Histogram] = {}
+        self._batch_size: dict[tuple[str, str], _Histogram] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -290,18 +291,22 @@ class Metrics:
             )
         return series
 
-    def observe_queue_wait(self, backend: str, wait_s: float) -> None:
-        """A request waited ``wait_s`` seconds for a replica of ``backend``."""
-        hist = self._queue_wait.get(backend)
+    def observe_queue_wait(self, backend: str, method: str, wait_s: float) -> None:
+        """A request to ``method`` of ``backend`` waited ``wait_s`` seconds for a replica, or in
+        the batch queue of ``method``, until its batch was dispatched."""
+        key = (backend, method)
+        hist = self._queue_wait.get(key)
         if hist is None:
-            hist = self._queue_wait[backend] = _Histogram(LATENCY_BUCKETS_S)
+            hist = self._queue_wait[key] = _Histogram(LATENCY_BUCKETS_S)
         hist.observe(wait_s)
 
-    def observe_batch(self, backend: str, size: int) -> None:
-        """``backend`` was handed a batch of ``size`` requests."""
-        hist = self._batch_size.get(backend)
+    def observe_batch(self, backend: str, method: str, size: int) -> None:
+        """The batch queue of ``method`` of ``backend`` dispatched a batch of ``size`` requests
+        (``method`` is ``"__call__"`` for the default entry point)."""
+        key = (backend, method)
+        hist = self._batch_size.get(key)
         if hist is None:
-            hist = self._batch_size[backend] = _Histogram(BATCH_BUCKETS)
+            hist = self._batch_size[key] = _Histogram(BATCH_BUCKETS)
         hist.observe(size)
 
     def exposition(self) -> bytes:
@@ -445,17 +450,19 @@ class _Collector:
         yield latency
         queue_wait = HistogramMetricFamily(
             "aioserve_queue_wait_seconds",
-            "Time requests that had to wait spent waiting for a replica.",
-            labels=["backend"],
+            "Time requests spent waiting for a replica (those that had to) or for their batch.",
+            labels=["backend", "method"],
         )
-        for tag, hist in list(m._queue_wait.items()):
-            queue_wait.add_metric([tag], hist.buckets(), hist.total)
+        for key, hist in list(m._queue_wait.items()):
+            queue_wait.add_metric(list(key), hist.buckets(), hist.total)
         yield queue_wait
         batch = HistogramMetricFamily(
-            "aioserve_batch_size", "Requests per batch handed to a replica.", labels=["backend"]
+            "aioserve_batch_size",
+            "Requests per batch, per batch queue (config-driven or @serve.batch).",
+            labels=["backend", "method"],
         )
-        for tag, hist in list(m._batch_size.items()):
-            batch.add_metric([tag], hist.buckets(), hist.total)
+        for key, hist in list(m._batch_size.items()):
+            batch.add_metric(list(key), hist.buckets(), hist.total)
         yield batch
         depth = GaugeMetricFamily(
             "aioserve_queue_depth", "Requests waiting for a replica.", labels=["backend"]

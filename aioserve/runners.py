@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import logging
 import secrets
@@ -26,10 +27,11 @@ from typing import Any
 
 from ._concurrency import ReplicaThread, current_task
 from ._types import Call, Stream
-from .batching import BatchQueue, queue_owner
+from .batching import BatchQueue, queue_owner, sync_batch_runner
 from .callable import Kind, UserCallable, adapt, bind_method, kind_of
 from .context import ReplicaContext, call_var, replica_var
 from .exceptions import BackendError, ConfigError, ReplicaStopped
+from .metrics import Metrics
 
 __all__ = ["InProcessRunner"]
 
@@ -74,6 +76,9 @@ class InProcessRunner:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it started on
         self.context = ReplicaContext(backend_tag, self.replica_tag, None, instance)
+        # The instance's metrics, where @serve.batch queues made in this replica are measured.
+        metrics = getattr(instance, "metrics", None)
+        self._metrics = metrics if isinstance(metrics, Metrics) else None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "killed" if self._killed else "live"
@@ -179,6 +184,22 @@ class InProcessRunner:
 
     def _owning(self, queue: BatchQueue[Any, Any]) -> None:
         self._batch_queues.append(queue)
+        if self._metrics is not None:
+            # The queue's name is the batched function's qualified name; its last part labels it.
+            method = queue.name.rpartition(".")[2]
+            queue.on_batch = functools.partial(
+                self._metrics.observe_batch, self.backend_tag, method
+            )
+            queue.on_wait = functools.partial(
+                self._metrics.observe_queue_wait, self.backend_tag, method
+            )
+
+    async def _run_sync_batch(self, batch: Callable[[], Any]) -> Any:
+        """Run a sync ``@serve.batch`` function's batch on this replica's thread, as the
+        replica's own code (a batch serves several requests, so it runs as none of them)."""
+        ctx = contextvars.copy_context()
+        ctx.run(_outside_requests, self.context)
+        return await asyncio.wrap_future(self._submit(ctx, batch))
 
     async def call(self, call: Call) -> Any:
         """Run one call; a generator handler's items come back as a :class:`Stream`."""
@@ -204,7 +225,10 @@ class InProcessRunner:
             assert task is not None  # always called from a task: we are in a coroutine
             self._running.add(task)
             token = self._enter()
-            owner_token = queue_owner.set(self._owning) if self._uses_batch_decorator else None
+            owner_token = runner_token = None
+            if self._uses_batch_decorator:
+                owner_token = queue_owner.set(self._owning)
+                runner_token = sync_batch_runner.set(self._run_sync_batch)
             try:
                 result = await fn(*args, **kwargs)
             except asyncio.CancelledError:
@@ -214,7 +238,8 @@ class InProcessRunner:
                     ) from None
                 raise
             finally:
-                if owner_token is not None:
+                if owner_token is not None and runner_token is not None:
+                    sync_batch_runner.reset(runner_token)
                     queue_owner.reset(owner_token)
                 if token is not None:
                     replica_var.reset(token)

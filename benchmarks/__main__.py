@@ -21,6 +21,7 @@ BENCHMARKS = (
     ("handle_overhead", "Handle overhead: `await handle.remote()` vs a raw asyncio handoff"),
     ("router_overhead", "Router overhead: a 3-backend traffic split vs one backend"),
     ("batching", "Batching: the batch scheduler vs a simulated device's ceiling"),
+    ("batching_model", "Batching a real model: POST /predict vs a bare Starlette route"),
 )
 
 

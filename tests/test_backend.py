@@ -366,6 +366,7 @@ async def test_list_backends_shape(serve: Serve) -> None:
         "user_config": None,
         "graceful_shutdown_wait_loop_s": 2.0,
         "graceful_shutdown_timeout_s": 20.0,
+        "batch_wait_policy": "adaptive",
     }
     expected = {
         "sync": {"accepts_batches": False, "num_replicas": 2, "max_batch_size": None,

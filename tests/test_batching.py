@@ -81,7 +81,9 @@ def spawn(queue: BatchQueue[Any, Any], *items: Any) -> list[asyncio.Task[Any]]:
 
 async def test_full_batch_goes_out_at_once_and_the_rest_waits_for_a_partner() -> None:
     rec = Recorder()
-    async with BatchQueue(rec, max_batch_size=2, batch_wait_timeout_s=10.0) as queue:
+    async with BatchQueue(
+        rec, max_batch_size=2, batch_wait_timeout_s=10.0, batch_wait_policy="fixed"
+    ) as queue:
         first, second, third = spawn(queue, 0, 1, 2)
         async with asyncio.timeout(5):  # a full batch must not wait for the 10 s timeout
             assert list(await asyncio.gather(first, second)) == [0, 10]
@@ -212,9 +214,10 @@ async def test_a_deadline_that_passes_while_the_loop_is_blocked_is_never_dispatc
         batches.append(list(items))
         if items == ["slow"]:
             await gate.wait()
-            # Runs before the queue hears that this batch finished: the next batch is formed
-            # after the waiting item's deadline passed, before its deadline timer could run.
-            asyncio.get_running_loop().call_soon(_block_loop, 0.05)
+            # Holds the loop past the waiting item's deadline before the queue hears that this
+            # batch finished: the next batch is formed after that deadline, before its timer
+            # could run.
+            _block_loop(0.05)
         return items
 
     loop = asyncio.get_running_loop()
@@ -234,7 +237,9 @@ async def test_a_deadline_that_passes_while_the_loop_is_blocked_is_never_dispatc
 async def test_a_waiting_item_fails_at_its_deadline(why: str) -> None:
     rec = Recorder()
     loop = asyncio.get_running_loop()
-    async with BatchQueue(rec, max_batch_size=2, batch_wait_timeout_s=LONG) as queue:
+    async with BatchQueue(
+        rec, max_batch_size=2, batch_wait_timeout_s=LONG, batch_wait_policy="fixed"
+    ) as queue:
         held: list[asyncio.Task[Any]] = []
         if why == "capacity busy":
             rec.hold()
@@ -461,7 +466,9 @@ async def test_configure_checks_every_value_before_changing_any() -> None:
 
 async def test_shortening_the_timeout_releases_a_waiting_batch() -> None:
     rec = Recorder()
-    async with BatchQueue(rec, max_batch_size=5, batch_wait_timeout_s=LONG) as queue:
+    async with BatchQueue(
+        rec, max_batch_size=5, batch_wait_timeout_s=LONG, batch_wait_policy="fixed"
+    ) as queue:
         (waiting,) = spawn(queue, 1)
         await wait_until(lambda: queue.queued == 1, "the item queued")
         # A later item finds the first still waiting: it did not go out alone.
@@ -697,7 +704,7 @@ async def test_each_instance_has_its_own_queue() -> None:
         def __init__(self) -> None:
             self.batches: list[list[int]] = []
 
-        @batch(max_batch_size=2, batch_wait_timeout_s=LONG)
+        @batch(max_batch_size=2, batch_wait_timeout_s=LONG, batch_wait_policy="fixed")
         async def add(self, xs: list[int]) -> list[int]:
             self.batches.append(list(xs))
             return xs
@@ -734,10 +741,6 @@ async def test_batch_on_a_classmethod_and_on_a_star_args_function() -> None:
         assert list(await asyncio.gather(lengths("abc"), lengths(""))) == [3, 0]
 
 
-def _sync(xs: list[int]) -> list[int]:
-    return xs
-
-
 async def _agen(xs: list[int]) -> Any:
     yield xs
 
@@ -757,16 +760,12 @@ untyped_batch: Any = batch  # the misuses below are type errors too; test the ru
     ("make", "error", "match"),
     [
         (
-            lambda: untyped_batch(_sync),
+            lambda: untyped_batch(_agen),
             TypeError,
-            "must be 'async def', got <function _sync",
+            r"return a list \(async def or def\), got <function _agen",
         ),
-        (
-            lambda: untyped_batch(max_batch_size=2)(_sync),
-            TypeError,
-            "must be 'async def'",
-        ),
-        (lambda: untyped_batch(_agen), TypeError, "must be 'async def'"),
+        (lambda: untyped_batch(max_batch_size=2)(_agen), TypeError, "async def or def"),
+        (lambda: untyped_batch(dict), TypeError, "only be used on functions and methods"),
         (lambda: untyped_batch(5), TypeError, "as keywords"),
         (lambda: untyped_batch(_no_args), ConfigTypeError, "takes the list of items"),
         (lambda: untyped_batch(_three), ConfigTypeError, "takes the list of items"),
@@ -775,9 +774,9 @@ untyped_batch: Any = batch  # the misuses below are type errors too; test the ru
         (lambda: untyped_batch(batch_wait_timeout_s=-1), ValueError, "batch_wait_timeout_s"),
     ],
     ids=[
-        "sync",
-        "sync-with-args",
         "async-gen",
+        "async-gen-with-args",
+        "a-class",
         "positional",
         "no-args",
         "three",
@@ -939,6 +938,14 @@ def test_public_names() -> None:
     import aioserve.batching as module
 
     assert sorted(module.__all__) == sorted(
-        ["BatchQueue", "BatchQueueStats", "accept_batch", "accepts_batches", "batch", "queue_owner"]
+        [
+            "BatchQueue",
+            "BatchQueueStats",
+            "accept_batch",
+            "accepts_batches",
+            "batch",
+            "queue_owner",
+            "sync_batch_runner",
+        ]
     )
     assert isinstance(queue_owner, contextvars.ContextVar)

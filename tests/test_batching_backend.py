@@ -242,7 +242,7 @@ async def test_a_full_batch_goes_out_at_once_and_the_third_call_waits_for_a_part
         serve,
         "dev",
         legacy_function(device),
-        config={"max_batch_size": 2, "batch_wait_timeout": 10},
+        config={"max_batch_size": 2, "batch_wait_timeout": 10, "batch_wait_policy": "fixed"},
     )
     first, second, third = send(handle, "a", "b", "c")
     async with asyncio.timeout(WAIT_S):  # a full batch must not wait for the 10 s timeout
@@ -263,7 +263,11 @@ async def test_a_partial_batch_goes_out_when_the_wait_timeout_passes(
         serve,
         "dev",
         legacy_function(device),
-        config={"max_batch_size": 2, "batch_wait_timeout": timeout_s},
+        config={
+            "max_batch_size": 2,
+            "batch_wait_timeout": timeout_s,
+            "batch_wait_policy": "fixed",
+        },
     )
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -558,7 +562,7 @@ async def test_a_shorter_batch_wait_timeout_releases_a_waiting_batch(
         serve,
         "dev",
         legacy_function(device),
-        config={"max_batch_size": 3, "batch_wait_timeout": LONG},
+        config={"max_batch_size": 3, "batch_wait_timeout": LONG, "batch_wait_policy": "fixed"},
     )
     (waiting,) = send(handle, "a")
     await until_queued(serve, "dev", 1)
@@ -790,7 +794,7 @@ async def test_a_cancelled_caller_does_not_count_towards_a_waiting_batch(
         serve,
         "dev",
         legacy_function(device),
-        config={"max_batch_size": 2, "batch_wait_timeout": LONG},
+        config={"max_batch_size": 2, "batch_wait_timeout": LONG, "batch_wait_policy": "fixed"},
     )
     (gone,) = send(handle, "gone")
     await until_queued(serve, "dev", 1)
@@ -974,13 +978,15 @@ async def test_a_wrong_result_from_a_batch_decorated_backend_fails_the_whole_bat
 
 
 async def test_batch_decorator_validation_errors(serve: Serve) -> None:
-    def sync_handler(items: list[Any]) -> list[Any]:
-        return items
+    def generator(items: list[Any]) -> Any:
+        yield items
 
-    with pytest.raises(TypeError, match="async"):
-        aioserve.batch(sync_handler)
-    with pytest.raises(TypeError, match="async"):
-        aioserve.batch(max_batch_size=2)(sync_handler)
+    with pytest.raises(TypeError, match="async def or def"):
+        aioserve.batch(generator)
+    with pytest.raises(TypeError, match="async def or def"):
+        aioserve.batch(max_batch_size=2)(generator)
+    with pytest.raises(ValueError, match="batch_wait_policy"):
+        aioserve.batch(batch_wait_policy="eager")  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="max_batch_size"):
         aioserve.batch(max_batch_size=0)
     with pytest.raises(ValueError, match="batch_wait_timeout_s"):

@@ -25,6 +25,7 @@ DEFAULTS = {
     "user_config": None,
     "graceful_shutdown_wait_loop_s": 2.0,
     "graceful_shutdown_timeout_s": 20.0,
+    "batch_wait_policy": "adaptive",
 }
 
 INT_FIELDS = ("num_replicas",)
@@ -50,6 +51,8 @@ def is_valid(field: str, value: Any) -> bool:
     if field in SECONDS_FIELDS:
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
         return is_number and math.isfinite(value) and value >= 0
+    if field == "batch_wait_policy":
+        return isinstance(value, str) and value in ("adaptive", "fixed")
     assert field == "user_config"
     return True
 

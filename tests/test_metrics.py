@@ -264,7 +264,7 @@ async def test_queue_wait_is_observed_only_for_requests_that_waited(
     scraped = await scrape(http)
     # Six requests that found a free replica: none of them waited, so nothing is observed.
     assert scraped.value("aioserve_requests_total", endpoint="q", backend="q") == 6
-    assert not scraped.value("aioserve_queue_wait_seconds_count", backend="q")
+    assert not scraped.value("aioserve_queue_wait_seconds_count", backend="q", method="__call__")
 
     holder = handle.remote("hold")
     await gate.until_inside(1)
@@ -275,10 +275,12 @@ async def test_queue_wait_is_observed_only_for_requests_that_waited(
     assert await asyncio.wait_for(asyncio.gather(*waiters), WAIT_S) == [0, 1]
 
     scraped = await scrape(http)
-    assert scraped.value("aioserve_queue_wait_seconds_count", backend="q") == 2
-    wait_sum = scraped.value("aioserve_queue_wait_seconds_sum", backend="q")
+    assert scraped.value("aioserve_queue_wait_seconds_count", backend="q", method="__call__") == 2
+    wait_sum = scraped.value("aioserve_queue_wait_seconds_sum", backend="q", method="__call__")
     assert wait_sum is not None and wait_sum > 0
-    counts = [c for _, c in scraped.buckets("aioserve_queue_wait_seconds", backend="q")]
+    counts = [
+        c for _, c in scraped.buckets("aioserve_queue_wait_seconds", backend="q", method="__call__")
+    ]
     assert counts == sorted(counts) and counts[-1] == 2
 
 
@@ -301,9 +303,9 @@ async def test_batch_size_histogram_sees_a_batch_of_four(
     assert await asyncio.gather(*(handle.remote(i) for i in range(4))) == [0, 2, 4, 6]
 
     scraped = await scrape(http)
-    assert scraped.value("aioserve_batch_size_count", backend="double") == 1
-    assert scraped.value("aioserve_batch_size_sum", backend="double") == 4
-    buckets = dict(scraped.buckets("aioserve_batch_size", backend="double"))
+    assert scraped.value("aioserve_batch_size_count", backend="double", method="__call__") == 1
+    assert scraped.value("aioserve_batch_size_sum", backend="double", method="__call__") == 4
+    buckets = dict(scraped.buckets("aioserve_batch_size", backend="double", method="__call__"))
     assert buckets[2.0] == 0
     assert buckets[4.0] == 1
     assert scraped.value("aioserve_requests_total", endpoint="double", backend="double") == 4

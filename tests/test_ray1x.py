@@ -295,11 +295,16 @@ async def test_batch_accepts_a_whole_number_float_size() -> None:
     assert max(sizes) == 2
 
 
-def test_batch_refuses_a_fractional_size_and_a_non_async_function() -> None:
+def test_batch_refuses_a_fractional_size_and_what_is_not_a_function() -> None:
     with pytest.raises(TypeError, match="max_batch_size"):
         aioserve.batch(max_batch_size=2.5)  # type: ignore[arg-type]
+
+    async def stream(items: list[int]) -> Any:
+        yield items
+
+    # 1.3 took only async def; a plain def batches on the replica's thread now, too.
     with pytest.raises(TypeError, match="async def"):
-        aioserve.batch(lambda items: items)
+        aioserve.batch(stream)
 
 
 # -- handles: missing endpoints, list_backends, import paths -------------------------------------

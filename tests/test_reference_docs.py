@@ -347,10 +347,12 @@ def test_002_accept_batch(inited: serve.Client) -> None:
             for r in flask_request
         ]
 
-    # Each batch waits until it is full (4) or 10 s have passed: 4 concurrent requests must all
-    # arrive in one batch, well before the timeout.
+    # Each batch waits until it is full (4) or 10 s have passed (a fixed wait, the 1.x rule): 4
+    # concurrent requests must all arrive in one batch, well before the timeout.
     serve.create_backend(
-        "batched", serving_func, config={"max_batch_size": 4, "batch_wait_timeout": 10.0}
+        "batched",
+        serving_func,
+        config={"max_batch_size": 4, "batch_wait_timeout": 10.0, "batch_wait_policy": "fixed"},
     )
     serve.create_endpoint("batched", backend="batched", route="/batched")
     assert shown(serve.list_backends())["batched"] == {
