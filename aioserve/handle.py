@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._concurrency import TaskOwner, current_task, spawn_threadsafe
 from ._types import Call
 from .callable import legacy_request
-from .config import UNSET, HandleOptions, deadline_from
+from .calloptions import UNSET, HandleOptions, deadline_from
 from .context import call_var
 from .exceptions import ServeError, ServeShutdown
 

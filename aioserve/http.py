@@ -31,7 +31,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 
 from ._concurrency import TaskOwner, current_task
 from ._types import Call, Lifecycle, Message, Receive, Scope, Send, Stream, new_request_id
-from .config import HTTPOptions, check_slo, deadline_from
+from .calloptions import check_slo, deadline_from
+from .config import HTTPOptions
 from .context import call_var
 from .exceptions import (
     BodyTooLarge,

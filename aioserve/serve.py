@@ -19,7 +19,8 @@ from ._importer import import_attr
 from ._types import Lifecycle
 from .backend import Backend
 from .callable import UserCallable
-from .config import BackendConfig, HandleOptions, HTTPOptions, check_http_method
+from .calloptions import HandleOptions, check_http_method
+from .config import BackendConfig, HTTPOptions
 from .context import install_log_context
 from .exceptions import (
     BackendInUse,

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "_types": 0,
     "exceptions": 0,
     "config": 1,
+    "calloptions": 1,
     "context": 1,
     "metrics": 1,
     "_concurrency": 1,
