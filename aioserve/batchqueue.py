@@ -8,17 +8,7 @@ the arrival of the oldest queued item, has passed. Items wait in the one deadlin
 (:class:`~aioserve._waitqueue.WaitQueue`): earliest deadline first, and an item whose deadline
 passes while it waits fails with :class:`~aioserve.exceptions.DeadlineExceeded` and never reaches
 the handler. This module knows nothing of replicas or backends.
-
-How long to wait (``batch_wait_policy``), decided by :func:`dispatch_at` whenever the queue has
-capacity and fewer than ``max_batch_size`` items wait:
-
-* ``"fixed"``: wait until the batch is full or the oldest item has waited the timeout.
-* ``"adaptive"`` (the default): the timeout is an upper bound. The batch goes out at once when
-  waiting cannot be expected to make it bigger: one item waits and no batch of this queue is
-  running (nothing else is in the system to join it), or the arrivals seen so far say the next
-  item will not come before the timeout (the last arrival plus the mean gap between arrivals, a
-  moving average, falls at or after it). Otherwise it waits as ``"fixed"`` does. Under load batches
-  still fill: items that arrive while a batch runs wait for capacity and go out together.
+How long a batch waits for more items: :mod:`aioserve.batchpolicy`.
 """
 
 from __future__ import annotations
@@ -35,10 +25,12 @@ from types import EllipsisType
 from typing import Any, Generic, TypeVar, cast
 
 from ._waitqueue import Waiter, WaitQueue
+from .batchpolicy import GAP_WEIGHT, dispatch_at
 from .config import WaitPolicy, check_int, check_seconds, check_wait_policy
 from .exceptions import BatchError, ConfigTypeError, DeadlineExceeded, ServeShutdown
 
 __all__ = ["BatchQueue", "BatchQueueStats", "WaitPolicy", "dispatch_at"]
+
 
 logger = logging.getLogger(__name__)
 
@@ -57,39 +49,6 @@ def _check_bound(name: str, value: object) -> int | None:
 
 
 _check_seconds = check_seconds
-
-_GAP_WEIGHT = 0.25  # weight of the newest gap in the moving average of gaps between arrivals
-
-
-def dispatch_at(
-    *,
-    now: float,
-    queued: int,
-    running: int,
-    max_batch_size: int,
-    batch_wait_timeout_s: float,
-    oldest_arrival: float,
-    last_arrival: float,
-    mean_gap_s: float,
-    policy: WaitPolicy = "adaptive",
-) -> float:
-    """When a queue with capacity should dispatch the batch it is gathering: ``now`` (or
-    earlier) means at once; otherwise the time to look again unless an item arrives first.
-
-    ``queued`` items wait, the oldest since ``oldest_arrival``, the newest since
-    ``last_arrival``; ``running`` batches of the queue are being dispatched; ``mean_gap_s`` is the
-    moving average of the gaps between arrivals (``inf`` before two arrivals). A pure function of
-    what the queue observes, so that the rule in the module docstring can be tested without a
-    clock.
-    """
-    if queued >= max_batch_size or batch_wait_timeout_s == 0:
-        return now
-    flush_at = oldest_arrival + batch_wait_timeout_s
-    if policy == "adaptive" and (
-        (queued == 1 and running == 0) or last_arrival + mean_gap_s >= flush_at
-    ):
-        return now
-    return flush_at
 
 
 def _describe(value: object) -> str:
@@ -327,7 +286,7 @@ class BatchQueue(Generic[T, R]):
         if self._last_arrival != -math.inf:
             gap = arrival - self._last_arrival
             mean = self._mean_gap_s
-            self._mean_gap_s = gap if mean == math.inf else mean + _GAP_WEIGHT * (gap - mean)
+            self._mean_gap_s = gap if mean == math.inf else mean + GAP_WEIGHT * (gap - mean)
         self._last_arrival = arrival
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work(), name=f"aioserve-batch-worker:{self.name}")

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "policy": 2,
     "_waitqueue": 2,
     "_streams": 2,
+    "batchpolicy": 2,
     "batchqueue": 2,
     "batching": 2,
     "callable": 2,
