@@ -22,6 +22,7 @@ __all__ = [
     "HTTPOptions",
     "HandleOptions",
     "Location",
+    "ServerName",
     "check_int",
     "check_seconds",
     "check_slo",
@@ -30,6 +31,9 @@ __all__ = [
 
 Location = Literal["HeadOnly", "EveryNode", "NoServer"]
 _LOCATIONS: tuple[str, ...] = ("HeadOnly", "EveryNode", "NoServer")
+
+ServerName = Literal["uvicorn", "granian"]
+_SERVERS: tuple[str, ...] = ("uvicorn", "granian")
 
 # Legacy spellings accepted in dicts, mapped to the field they set.
 _BACKEND_ALIASES = {
@@ -143,7 +147,9 @@ class HTTPOptions:
 
     ``host=None`` or ``location`` ``"NoServer"``/None means no server of its own: mount ``asgi_app``
     in another ASGI app instead. ``"HeadOnly"`` and ``"EveryNode"`` both mean one server here.
-    ``port=0`` picks a free port (read it back from ``Serve.http_port``).
+    ``port=0`` picks a free port (read it back from ``Serve.http_port``). ``server`` is the HTTP
+    server that runs it: ``"uvicorn"`` (the default) or ``"granian"`` (``pip install
+    'aioserve[granian]'``).
     """
 
     host: str | None = "127.0.0.1"
@@ -151,6 +157,7 @@ class HTTPOptions:
     location: Location | None = "HeadOnly"
     middlewares: Sequence[Any] = ()
     root_path: str = ""
+    server: ServerName = "uvicorn"
 
     def __post_init__(self) -> None:
         if self.host is not None and not isinstance(self.host, str):
@@ -173,6 +180,11 @@ class HTTPOptions:
         ):
             raise ConfigError(
                 f"http_options root_path must be '' or start with '/', got {self.root_path!r}."
+            )
+        if self.server not in _SERVERS:
+            raise ConfigError(
+                f"http_options server must be one of {', '.join(map(repr, _SERVERS))}, "
+                f"got {self.server!r}."
             )
 
     @property

@@ -213,9 +213,10 @@ class Serve:
         opts = self.http_options
         assert opts.host is not None  # serves is False without a host
         sock = bind(opts.host, opts.port)
-        self.http_port = sock.getsockname()[1]
-        server = make_server(self.asgi_app, sock, opts)
+        port = sock.getsockname()[1]
+        server = make_server(self.asgi_app, sock, opts)  # closes sock if it raises
         await server.start(self._background)
+        self.http_port = port  # only once it serves: a failed start leaves url None
         self._server = server
 
     async def aclose(self) -> None:
