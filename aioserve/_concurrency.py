@@ -46,12 +46,6 @@ else:
         return _current_tasks.get(loop or asyncio.get_running_loop())
 
 
-# A task that runs its first step at once, in the caller's turn, and reaches the loop (a
-# scheduling hop) only if it has to wait: a handle call whose replica has a free slot finishes
-# without ever being scheduled. Python 3.12 on; on 3.11 every task waits for the next loop turn.
-_eager_task: Callable[..., asyncio.Task[Any]] | None = getattr(asyncio, "eager_task_factory", None)
-
-
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop when it is installed (``aioserve[fast]``), else asyncio's own."""
     try:
@@ -78,7 +72,6 @@ class TaskOwner:
         name: str | None = None,
         self_removing: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
-        eager: bool = False,
     ) -> asyncio.Task[T]:
         """Start ``coro`` as a task owned here, on ``loop``: the running loop, which a caller that
         knows it may pass. Raises :class:`ServeShutdown` once closed.
@@ -86,20 +79,11 @@ class TaskOwner:
         With ``self_removing`` the coroutine calls :meth:`discard` on its own task when it ends
         (cheaper than a done callback, which costs a loop callback per task); the few that never
         get to (cancelled before they ran) are pruned whenever the set has doubled.
-
-        With ``eager`` (Python >= 3.12; ignored before) the task runs its first step now, as part
-        of this call, and is scheduled only if it has to wait; one that finished is not kept.
         """
         if self._closed:
             coro.close()
             raise ServeShutdown(f"{self.name} is closed; no new work is accepted.")
-        loop = loop or asyncio.get_running_loop()
-        if eager and _eager_task is not None:
-            task: asyncio.Task[T] = _eager_task(loop, coro, name=name)
-            if task.done():
-                return task
-        else:
-            task = loop.create_task(coro, name=name)
+        task = (loop or asyncio.get_running_loop()).create_task(coro, name=name)
         tasks = self._tasks
         tasks.add(task)
         if not self_removing:

@@ -149,9 +149,7 @@ class ServeHandle:
         if _get_ident() == self._loop_thread and loop.is_running():
             # On the instance's own loop, known without asking asyncio, whose get_running_loop()
             # makes a system call on 3.11 (one loop runs per thread, so this is that loop).
-            return self._owner.spawn(
-                self._call(args, kwargs), self_removing=True, loop=loop, eager=True
-            )
+            return self._owner.spawn(self._call(args, kwargs), self_removing=True, loop=loop)
         coro = self._call(args, kwargs)
         try:
             running = asyncio.get_running_loop()
