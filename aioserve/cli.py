@@ -454,18 +454,17 @@ def _check_workers(args: argparse.Namespace, address: tuple[str, int]) -> None:
         )
 
 
-def _check_server(server: str) -> None:
+def _check_server(server: ServerName) -> None:
+    """A missing granian is the user's error (exit 2), reported before anything binds."""
     if server == "granian":
         try:
             load_granian()
         except ConfigError as exc:
             raise _CLIError(str(exc)) from None
-    elif server != "uvicorn":
-        raise _CLIError(f"The server must be 'uvicorn' or 'granian', got {server!r}.")
 
 
 def _run_workers(
-    target: _Target, args: argparse.Namespace, address: tuple[str, int], server: str
+    target: _Target, args: argparse.Namespace, address: tuple[str, int], server: ServerName
 ) -> int:
     host, port = address
     display = f"[{host}]" if ":" in host else host
