@@ -2,8 +2,8 @@
 
 Usage::
 
-    aioserve run TARGET [--host HOST] [--port PORT] [--workers N] [--log-level LEVEL]
-                        [--kv-store-path PATH]
+    aioserve run TARGET [--host HOST] [--port PORT] [--server uvicorn|granian] [--workers N]
+                        [--log-level LEVEL] [--kv-store-path PATH]
 
 TARGET is one of:
 
@@ -21,10 +21,14 @@ one line goes to stdout::
 SIGINT or SIGTERM shuts down gracefully and exits 0. ``--port 0`` picks a free port (the line shows
 it; not with ``--workers``).
 
-``--workers N`` (N > 1) runs N processes sharing one listening socket through uvicorn's process
-manager; each process builds the same deployment on its own ``Serve`` (no server of its own,
-behind the shared uvicorn). This is the way to use more cores: one aioserve instance runs on one
-event loop. Backends, replicas and batch queues are per process.
+``--server`` chooses the HTTP server (default: the file's or the instance's ``server``, else
+uvicorn); ``granian`` needs the ``aioserve[granian]`` extra, and says so (exit 2) without it.
+
+``--workers N`` (N > 1) runs N processes sharing one listening socket through the server's own
+process manager (uvicorn's or granian's); each process builds the same deployment on its own
+``Serve`` (no server of its own, behind the shared server, which runs its lifespan). This is the
+way to use more cores: one aioserve instance runs on one event loop. Backends, replicas and batch
+queues are per process.
 
 ``--kv-store-path`` persists the control state (see :mod:`aioserve.store`). The TARGET's
 deployment is applied only when nothing was restored; once the file holds state, the restored
@@ -58,18 +62,18 @@ import threading
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 
 from ._concurrency import new_event_loop
 from ._importer import import_attr
-from .config import HTTPOptions
+from .config import HTTPOptions, ServerName
 from .context import LOG_FORMAT, install_log_context
 from .deployment import Deployment, load_deployment
 from .exceptions import BindError, ConfigError, ConfigTypeError, DeploymentError
 from .serve import Serve
-from .servers import GuardedProtocol, uvicorn_limits
+from .servers import BACKLOG, GuardedProtocol, load_granian, uvicorn_limits
 
 __all__ = ["main"]
 
@@ -162,6 +166,17 @@ class _Target:
             f"setup function 'async def setup(serve: Serve) -> None'."
         )
 
+    def server(self, flag: ServerName | None) -> ServerName:
+        """The HTTP server: the flag, else the file's or the instance's, else uvicorn."""
+        if flag is not None:
+            return flag
+        if self.instance is not None:
+            return self.instance.http_options.server
+        if self.deployment is not None:
+            # The file's [http] table holds valid HTTPOptions values only (checked on load).
+            return cast(ServerName, self.deployment.http.get("server", "uvicorn"))
+        return "uvicorn"
+
     @property
     def root_path(self) -> str:
         """The root_path of the file's [http] table or of the instance."""
@@ -191,6 +206,7 @@ class _Target:
         address: tuple[str, int] | None,
         kv_store_path: str | None,
         limits: dict[str, Any] | None = None,
+        server: ServerName = "uvicorn",
     ) -> Serve:
         """The instance to run; without an address it has no server of its own (a worker).
 
@@ -208,14 +224,18 @@ class _Target:
                 new = dataclasses.replace(opts, location="NoServer", **limits)
             else:
                 host, port = address
-                new = dataclasses.replace(opts, host=host, port=port, location="HeadOnly", **limits)
+                new = dataclasses.replace(
+                    opts, host=host, port=port, location="HeadOnly", server=server, **limits
+                )
             self.instance.http_options = new
             return self.instance
         if address is None:
             options = HTTPOptions(location="NoServer", root_path=self.root_path, **limits)
         else:
             host, port = address
-            options = HTTPOptions(host=host, port=port, root_path=self.root_path, **limits)
+            options = HTTPOptions(
+                host=host, port=port, root_path=self.root_path, server=server, **limits
+            )
         return _new_serve(options, kv_store_path)
 
     async def populate(self, serve: Serve) -> None:
@@ -261,8 +281,9 @@ async def _run_one(
     address: tuple[str, int],
     kv_store_path: str | None,
     limits: dict[str, Any],
+    server: ServerName,
 ) -> int:
-    serve = target.make_serve(address, kv_store_path, limits)
+    serve = target.make_serve(address, kv_store_path, limits, server)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
@@ -387,6 +408,11 @@ class _WorkerApp:
             return
         if self._serve is None:
             raise RuntimeError("The aioserve worker got a request before its lifespan startup.")
+        root_path = self._settings["root_path"]
+        if root_path:
+            # granian leaves root_path out of path; uvicorn puts it in (see GranianServer).
+            scope["root_path"] = root_path
+            scope["path"] = root_path + scope["path"]
         await self._serve.asgi_app(scope, receive, send)
 
     async def _lifespan(self, receive: _Receive, send: _Send) -> None:
@@ -470,7 +496,18 @@ def _check_workers(args: argparse.Namespace, address: tuple[str, int]) -> None:
         )
 
 
-def _run_workers(target: _Target, args: argparse.Namespace, address: tuple[str, int]) -> int:
+def _check_server(server: ServerName) -> None:
+    """A missing granian is the user's error (exit 2), reported before anything binds."""
+    if server == "granian":
+        try:
+            load_granian()
+        except ConfigError as exc:
+            raise _CLIError(str(exc)) from None
+
+
+def _run_workers(
+    target: _Target, args: argparse.Namespace, address: tuple[str, int], server: ServerName
+) -> int:
     host, port = address
     display = f"[{host}]" if ":" in host else host
     watcher = _ReadyWatcher(args.workers, f"http://{display}:{port}")
@@ -481,30 +518,56 @@ def _run_workers(target: _Target, args: argparse.Namespace, address: tuple[str, 
         "log_level": args.log_level,
         "notify_port": watcher.port,
         "token": watcher.token,
+        # uvicorn adds root_path to the path itself; with granian the worker app does.
+        "root_path": target.root_path if server == "granian" else "",
     }
     os.environ[_WORKER_ENV] = json.dumps(settings)
     watcher.start()
     try:
-        uvicorn.run(
-            "aioserve.cli:_worker_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=args.workers,
-            lifespan="on",
-            log_config=None,
-            log_level=args.log_level,
-            access_log=False,
-            root_path=target.root_path,
-            # Requests in flight at a signal drain for up to this long, as in one process.
-            timeout_graceful_shutdown=args.timeout_graceful_shutdown,
-            # The protocol class crosses to the workers by name; its timeout is set there.
-            **{**uvicorn_limits(HTTPOptions(**limits)), "http": GuardedProtocol},
-        )
+        if server == "granian":
+            _run_granian_workers(host, port, args)
+        else:
+            uvicorn.run(
+                "aioserve.cli:_worker_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=args.workers,
+                lifespan="on",
+                log_config=None,
+                log_level=args.log_level,
+                access_log=False,
+                root_path=target.root_path,
+                # Requests in flight at a signal drain for up to this long, as in one process.
+                timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+                # The protocol class crosses to the workers by name; its timeout is set there.
+                **{**uvicorn_limits(HTTPOptions(**limits)), "http": GuardedProtocol},
+            )
     finally:
         watcher.close()
         os.environ.pop(_WORKER_ENV, None)
     return watcher.exit_code
+
+
+def _run_granian_workers(host: str, port: int, args: argparse.Namespace) -> None:
+    """granian's process manager: it binds, forks the workers, runs their lifespan and owns
+    SIGINT/SIGTERM; each worker loads ``_worker_app`` as uvicorn's do."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+    from granian.server import Server as Granian
+
+    Granian(
+        "aioserve.cli:_worker_app",
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=args.workers,
+        factory=True,
+        http=HTTPModes.http1,
+        backlog=BACKLOG,
+        log_level=LogLevels(args.log_level),
+        log_access=False,
+    ).serve()
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -585,6 +648,12 @@ def _parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=None, help=f"port, 0 for a free one (default {_DEFAULT_PORT})"
     )
     run.add_argument(
+        "--server",
+        choices=("uvicorn", "granian"),
+        default=None,
+        help="HTTP server (default: the target's, else uvicorn; granian: aioserve[granian])",
+    )
+    run.add_argument(
         "--workers",
         type=_workers,
         default=1,
@@ -624,14 +693,16 @@ def main(argv: list[str] | None = None) -> int:
         _cwd_on_path()
         target = _Target.load(args.target)
         address = target.address(args.host, args.port)
+        server = target.server(args.server)
+        _check_server(server)
         _check_workers(args, address)
         # Only now: every error so far is the user's, reported before anything started.
         _setup_logging(args.log_level)
         if args.workers > 1:
-            return _run_workers(target, args, address)
+            return _run_workers(target, args, address, server)
         # uvloop when installed (aioserve[fast]), as uvicorn itself would choose.
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(_run_one(target, address, args.kv_store_path, _limits(args)))
+            return runner.run(_run_one(target, address, args.kv_store_path, _limits(args), server))
     except _CLIError as exc:
         _report(exc)
         return exc.code

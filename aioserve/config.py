@@ -23,6 +23,7 @@ __all__ = [
     "DeploymentMode",
     "HTTPOptions",
     "Location",
+    "ServerName",
     "check_int",
     "check_seconds",
 ]
@@ -39,6 +40,10 @@ class DeploymentMode(enum.StrEnum):
     HeadOnly = "HeadOnly"
     EveryNode = "EveryNode"
     NoServer = "NoServer"
+
+
+ServerName = Literal["uvicorn", "granian"]
+_SERVERS: tuple[str, ...] = ("uvicorn", "granian")
 
 
 # Legacy spellings accepted in dicts, mapped to the field they set.
@@ -300,6 +305,8 @@ class HTTPOptions:
     * ``system_routes``: serve ``/-/routes``, ``/-/healthz``, ``/-/ready``, ``/-/metrics`` on the
       serving port (True) or not (False); ``system_port`` serves them on a port of their own
       instead (same host), for a deployment that keeps them off its public port.
+    * ``server``: the HTTP server that runs it: ``"uvicorn"`` (the default) or ``"granian"``
+      (``pip install 'aioserve[granian]'``).
     """
 
     host: str | None = "127.0.0.1"
@@ -315,6 +322,7 @@ class HTTPOptions:
     max_connections: int | None = 1000
     system_routes: bool = True
     system_port: int | None = None
+    server: ServerName = "uvicorn"
 
     def __post_init__(self) -> None:
         if self.host is not None and not isinstance(self.host, str):
@@ -362,6 +370,11 @@ class HTTPOptions:
                     f"http_options system_port must be in 0..65535 and differ from port, got "
                     f"{self.system_port!r}."
                 )
+        if self.server not in _SERVERS:
+            raise ConfigError(
+                f"http_options server must be one of {', '.join(map(repr, _SERVERS))}, "
+                f"got {self.server!r}."
+            )
 
     @property
     def serves(self) -> bool:

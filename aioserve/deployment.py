@@ -10,10 +10,11 @@ The file is one serialisation of :class:`~aioserve.state.ControlState` (the SQLi
 the other): ``deployment.state`` is what it declares, and the ``[http]`` table, which is not control
 state, is ``deployment.http``. The file (read with the stdlib ``tomllib``)::
 
-    [http]                      # optional: HTTPOptions (aioserve run --host/--port win)
+    [http]                      # optional: HTTPOptions (aioserve run --host/--port/--server win)
     host = "127.0.0.1"
     port = 8000
     root_path = ""
+    server = "uvicorn"          # or "granian" (the aioserve[granian] extra)
 
     [[backends]]                # any number
     tag = "greeter"             # required, unique
@@ -218,7 +219,7 @@ class Deployment:
 
 
 _TOP_KEYS = ("http", "backends", "endpoints")
-_HTTP_KEYS = ("host", "port", "root_path")
+_HTTP_KEYS = ("host", "port", "root_path", "server")
 _BACKEND_KEYS = ("tag", "target", "init_args", "config")
 _ENDPOINT_KEYS = ("name", "backend", "route", "methods", "traffic", "shadows")
 

@@ -108,11 +108,44 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def json_dumps(obj: Any) -> bytes:
-    """Encode a handler's result as compact UTF-8 JSON (numpy, dataclasses, pydantic included)."""
+def _stdlib_json_dumps(obj: Any) -> bytes:
     return json.dumps(
         obj, default=_json_default, ensure_ascii=False, allow_nan=False, separators=(",", ":")
     ).encode("utf-8")
+
+
+_orjson_dumps: Callable[..., bytes] | None
+try:  # the aioserve[fast] extra: the same JSON, encoded several times faster
+    import orjson
+except ImportError:  # pragma: no cover - the dev extras install it
+    _orjson_dumps = None
+    _OrjsonError: type[Exception] = TypeError
+    _ORJSON_OPTIONS = 0
+else:
+    _orjson_dumps = orjson.dumps
+    _OrjsonError = orjson.JSONEncodeError
+    _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS  # int, float, bool and None keys, as json takes
+
+
+def json_dumps(obj: Any) -> bytes:
+    """Encode a handler's result as compact UTF-8 JSON (numpy, dataclasses, pydantic included).
+
+    With orjson when it is installed (``aioserve[fast]``), else with the standard library: the
+    same JSON values either way, and the same errors (NaN and infinities are refused).
+    """
+    if _orjson_dumps is None:  # pragma: no cover - the dev extras install orjson
+        return _stdlib_json_dumps(obj)
+    try:
+        data = _orjson_dumps(obj, default=_json_default, option=_ORJSON_OPTIONS)
+    except _OrjsonError:
+        # What orjson does not take (ints past 64 bits, nesting past 254 levels, lone
+        # surrogates, circular references): the standard library encodes it, or raises.
+        return _stdlib_json_dumps(obj)
+    if b"null" in data:
+        # orjson writes NaN and infinities as null where json refuses them (a 500, as
+        # Starlette's JSONResponse gives): only the standard library tells them from None.
+        return _stdlib_json_dumps(obj)
+    return data
 
 
 def _chunk(item: Any) -> bytes:

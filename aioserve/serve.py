@@ -262,14 +262,20 @@ class Serve:
             except BaseException:
                 sock.close()
                 raise
-        self.http_port = sock.getsockname()[1]
-        server = make_server(self.asgi_app, sock, opts)
+        port = sock.getsockname()[1]
+        try:
+            server = make_server(self.asgi_app, sock, opts)  # closes sock if it raises
+        except BaseException:
+            if system_sock is not None:
+                system_sock.close()
+            raise
         await server.start(self._background)
+        self.http_port = port  # only once it serves: a failed start leaves url None
         self._servers.append(server)
         if system_sock is not None:
-            self.system_port = system_sock.getsockname()[1]
             system = make_server(self._http.system_app, system_sock, opts)
             await system.start(self._background)
+            self.system_port = system_sock.getsockname()[1]
             self._servers.append(system)
 
     async def aclose(self) -> None:

@@ -1,36 +1,52 @@
-"""The HTTP server an instance runs its ASGI app on: uvicorn, on the instance's own loop.
+"""The HTTP server an instance runs its ASGI app on, on the instance's own loop: uvicorn or granian.
 
 :func:`bind` makes the listening socket (so a bind failure raises at start, with the fix), and
-:class:`UvicornServer` serves an ASGI app on it as a task of the instance, without taking the host
-program's signals, and tells when it is ready. A second server (granian) would implement the same
-``start``/``stop`` pair.
+:func:`make_server` the server ``http_options["server"]`` names, which serves the ASGI app on that
+socket without taking the host program's signals: :class:`UvicornServer` (the default) as a task of
+the instance, :class:`GranianServer` (the ``aioserve[granian]`` extra) with granian's Rust HTTP
+stack on its own threads handing each request to a task on the instance's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import logging
 import math
+import os
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Protocol
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from ._concurrency import TaskOwner
+from ._concurrency import TaskOwner, current_task
 from .config import HTTPOptions
-from .exceptions import BindError, ServeError
+from .exceptions import BindError, ConfigError, ServeError
 
 __all__ = [
+    "GRANIAN_EXTRA",
+    "GranianServer",
     "GuardedProtocol",
     "Server",
     "UvicornServer",
     "bind",
+    "granian_version",
     "guarded_protocol",
+    "load_granian",
     "make_server",
     "uvicorn_limits",
 ]
+
+logger = logging.getLogger(__name__)
+
+# How long open responses may take to finish once the server stops (uvicorn's bound, both servers).
+GRACEFUL_SHUTDOWN_S = 5.0
+# The listen backlog and, for granian, the most connections it serves at once (uvicorn's backlog).
+BACKLOG = 2048
+GRANIAN_EXTRA = "aioserve[granian]"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -147,7 +163,12 @@ class Server(Protocol):
 
 
 def make_server(app: Any, sock: socket.socket, options: HTTPOptions) -> Server:
-    """The server ``options`` asks for, serving ``app`` on ``sock``."""
+    """The server ``options.server`` names, serving ``app`` on ``sock``.
+
+    :class:`~aioserve.ConfigError` (and ``sock`` closed) when that server is not installed.
+    """
+    if options.server == "granian":
+        return GranianServer(app, sock, options)
     return UvicornServer(app, sock, options)
 
 
@@ -193,3 +214,197 @@ class UvicornServer:
         self._server.should_exit = True
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+# -- granian ------------------------------------------------------------------------------------
+
+# The granian releases whose worker interface GranianServer drives (granian.server.embed's).
+_GRANIAN_SUPPORTED = ((2, 8), (3, 0))
+
+
+def granian_version() -> str | None:
+    """The installed granian's version, or None when it is not installed."""
+    try:
+        module = importlib.import_module("granian")
+    except ImportError:
+        return None
+    return str(module.__version__)
+
+
+def load_granian() -> Any:
+    """granian's worker interface, or :class:`ConfigError` naming the extra to install."""
+    version = granian_version()
+    if version is None:
+        raise ConfigError(
+            f"The HTTP server 'granian' is not installed: pip install '{GRANIAN_EXTRA}' "
+            f"(or use the default server, 'uvicorn')."
+        )
+    release = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    low, high = _GRANIAN_SUPPORTED
+    if not low <= release < high:
+        raise ConfigError(
+            f"The HTTP server 'granian' must be >= {low[0]}.{low[1]}, < {high[0]}.{high[1]}; "
+            f"granian {version} is installed: pip install '{GRANIAN_EXTRA}'."
+        )
+    # granian's embeddable worker (what granian.server.embed drives), used directly so that it
+    # serves the socket aioserve bound (port 0, bind errors at start) and configures no logging.
+    api = importlib.import_module("granian._granian")
+    futures = importlib.import_module("granian._futures")
+    http = importlib.import_module("granian.http")
+    return _GranianAPI(api, futures, http)
+
+
+class _GranianAPI:
+    __slots__ = ("futures", "http", "native")
+
+    def __init__(self, native: Any, futures: Any, http: Any) -> None:
+        self.native = native
+        self.futures = futures
+        self.http = http
+
+
+# The request callback granian's scheduler starts as a task: it gets granian's per-request watcher.
+_Callback = Callable[[Any], Coroutine[Any, Any, None]]
+
+
+class GranianServer:
+    """granian serving ``app`` on a bound socket: its Rust HTTP/1.1 stack runs on threads of its
+    own and hands every request to a task on the running loop (the instance's), as granian's
+    embedded server does.
+
+    Differences from uvicorn, handled here: granian leaves ``root_path`` out of ``path``, which
+    uvicorn (and so Starlette's ``request.url``) includes, so the callback adds it; and it has no
+    bound of its own on a graceful shutdown, so :meth:`stop` cancels what still runs after
+    :data:`GRACEFUL_SHUTDOWN_S`, as uvicorn does.
+    """
+
+    def __init__(self, app: Any, sock: socket.socket, options: HTTPOptions) -> None:
+        # Connections past max_connections wait in the listen backlog (granian has no 503 for
+        # them); bodies and header counts are bounded by the HTTP app, as on uvicorn.
+        self._max_connections = options.max_connections or BACKLOG
+        timeout_s = min(options.header_timeout_s, options.keep_alive_timeout_s)
+        self._header_timeout_ms = max(1, int(timeout_s * 1000))
+        self._max_buffer_size = max(options.max_header_bytes, 64 * 1024)
+        try:
+            self._granian = load_granian()
+        except BaseException:
+            sock.close()
+            raise
+        self._app = app
+        self._sock = sock
+        self._root_path = options.root_path
+        self._live: set[asyncio.Task[Any]] = set()  # the request tasks running now
+        self._signal: Any = None
+        self._stopped: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        where = "closed" if self._sock.fileno() < 0 else repr(self._sock.getsockname())
+        return f"<GranianServer {where}>"
+
+    def _callback(self, loop: asyncio.AbstractEventLoop) -> _Callback:
+        app, live, root_path = self._app, self._live, self._root_path
+
+        async def serve_request(watcher: Any) -> None:
+            scope = watcher.scope
+            scope["root_path"] = root_path
+            if root_path:
+                scope["path"] = root_path + scope["path"]
+            proto = watcher.proto
+            task = current_task(loop)
+            live.add(task)  # type: ignore[arg-type]  # always a task: granian's asyncio impl
+            try:
+                await app(scope, proto.receive, proto.send)
+            except asyncio.CancelledError:
+                watcher.done()  # a 500 if nothing was sent yet
+                raise
+            except BaseException as exc:
+                watcher.err(exc)  # logged by granian; a 500 if nothing was sent yet
+                return
+            finally:
+                live.discard(task)
+            watcher.done()
+
+        return serve_request
+
+    async def start(self, owner: TaskOwner) -> None:
+        """Start serving; returns once the socket listens (granian accepts on its own threads)."""
+        loop = asyncio.get_running_loop()
+        native, futures, http = (
+            self._granian.native,
+            self._granian.futures,
+            self._granian.http,
+        )
+        # granian owns (and closes, when it stops) a duplicate; aioserve closes its own.
+        fd = os.dup(self._sock.fileno())
+        try:
+            holder = native.SocketHolder(fd, False, BACKLOG)
+            worker = native.ASGIWorker(
+                worker_id=1,
+                sock=(None, holder),
+                ipc=None,
+                threads=1,
+                blocking_threads=512,
+                py_threads=1,
+                py_threads_idle_timeout=30,
+                backpressure=self._max_connections,
+                http_mode="1",
+                # granian's one timer covers the wait for a request head and the idle time of a
+                # kept-alive connection: the shorter of aioserve's two bounds.
+                http1_opts=http.HTTP1Settings(
+                    header_read_timeout=self._header_timeout_ms,
+                    max_buffer_size=self._max_buffer_size,
+                ),
+                http2_opts=None,
+                websockets_enabled=True,
+                static_files=None,
+                ssl_enabled=False,
+            )
+            stopped = loop.create_future()
+            signal = native.WorkerSignal()
+
+            def set_stopped() -> None:
+                if not stopped.done():
+                    stopped.set_result(None)
+
+            def on_stopped() -> None:
+                # Called on one of granian's threads once every connection has closed.
+                with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                    loop.call_soon_threadsafe(set_stopped)
+
+            signal.add_cb(on_stopped)
+            scheduler = futures._new_cbscheduler(loop, self._callback(loop), impl_asyncio=True)
+            worker.serve_mtr(scheduler, loop, signal)
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._sock.close()
+            raise ServeError(
+                f"The HTTP server (granian {granian_version()}) failed to start: {exc!r}"
+            ) from exc
+        self._signal = signal
+        self._stopped = stopped
+
+    async def stop(self) -> None:
+        """Stop accepting, let open responses finish for up to :data:`GRACEFUL_SHUTDOWN_S`,
+        then cancel the requests still running, and wait for granian to close its connections."""
+        signal, stopped = self._signal, self._stopped
+        if signal is None or stopped is None:
+            return
+        self._signal = None
+        signal.set()
+        self._sock.close()
+        if not await _within(stopped, GRACEFUL_SHUTDOWN_S):
+            for task in list(self._live):
+                task.cancel()
+            if not await _within(stopped, GRACEFUL_SHUTDOWN_S):
+                logger.warning(
+                    "granian did not close its connections within %.0f s of stopping.",
+                    2 * GRACEFUL_SHUTDOWN_S,
+                )
+
+
+async def _within(future: asyncio.Future[None], timeout_s: float) -> bool:
+    """Whether ``future`` is done within ``timeout_s`` (it is not cancelled either way)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(future), timeout_s)
+    return future.done()

@@ -13,6 +13,7 @@ import http.client
 import importlib.metadata
 import importlib.util
 import math
+import random
 import shlex
 import signal
 import statistics
@@ -45,9 +46,11 @@ from benchmarks._load import (
 )
 
 __all__ = [
+    "FLOATS",
     "LOAD_TOOL_ENV",
     "LOCAL_HOST",
     "REPO_ROOT",
+    "SERVERS",
     "LoadError",
     "LoadResult",
     "LoadTool",
@@ -57,10 +60,12 @@ __all__ = [
     "alternate",
     "alternate_runs",
     "default_threads",
+    "describe_granian",
     "describe_load_tool",
     "describe_uvicorn",
     "format_rps",
     "free_port",
+    "granian_installed",
     "markdown_table",
     "median_result",
     "parse_wrk_output",
@@ -80,6 +85,12 @@ __all__ = [
 
 class ServerStartError(RuntimeError):
     """A benchmark server exited or did not answer its readiness path in time."""
+
+
+# The body of the JSON row: 1,000 floats with full 17-digit precision, as model outputs
+# (embeddings, probabilities) are; the same list in every server.
+_RNG = random.Random(1000)
+FLOATS: list[float] = [_RNG.random() for _ in range(1000)]
 
 
 # --------------------------------------------------------------------------- servers
@@ -261,23 +272,36 @@ def warm_up(
 # --------------------------------------------------------------------------- uvicorn settings
 
 
-def uvicorn_settings() -> dict[str, str]:
-    """The fastest uvicorn loop and HTTP implementation importable here, used by every server."""
+SERVERS = ("uvicorn", "granian")
+
+
+def granian_installed() -> bool:
+    """Whether granian (the ``aioserve[granian]`` extra) is importable here."""
+    return importlib.util.find_spec("granian") is not None
+
+
+def uvicorn_settings(server: str = "uvicorn") -> dict[str, str]:
+    """The fastest loop and uvicorn HTTP implementation importable here, used by every server;
+    ``server`` is the HTTP server (``uvicorn`` or ``granian``, which ignores ``http``)."""
     loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
     http_impl = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
-    return {"loop": loop, "http": http_impl}
+    return {"loop": loop, "http": http_impl, "server": server}
 
 
 def server_argparser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The command line every benchmark server accepts: ``--port P [--loop L] [--http H]``."""
+    """The command line every benchmark server accepts:
+    ``--port P [--loop L] [--http H] [--server uvicorn|granian]``."""
     defaults = uvicorn_settings()
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--port", type=int, required=True, help=f"port on {LOCAL_HOST}")
     parser.add_argument(
-        "--loop", choices=["uvloop", "asyncio"], default=defaults["loop"], help="uvicorn loop"
+        "--loop", choices=["uvloop", "asyncio"], default=defaults["loop"], help="event loop"
     )
     parser.add_argument(
         "--http", choices=["httptools", "h11"], default=defaults["http"], help="uvicorn http"
+    )
+    parser.add_argument(
+        "--server", choices=SERVERS, default="uvicorn", help="HTTP server (default uvicorn)"
     )
     return parser
 
@@ -294,6 +318,8 @@ def server_argv(module: str, port: int, settings: Mapping[str, str]) -> list[str
         settings["loop"],
         "--http",
         settings["http"],
+        "--server",
+        settings.get("server", "uvicorn"),
     ]
 
 
@@ -302,6 +328,14 @@ def describe_uvicorn(settings: Mapping[str, str]) -> str:
     return (
         f"uvicorn {_version('uvicorn')} (loop={settings['loop']}, http={settings['http']}, "
         "1 worker, access log off)"
+    )
+
+
+def describe_granian(settings: Mapping[str, str]) -> str:
+    """E.g. ``granian 2.8.9 (loop=uvloop, HTTP/1.1, 1 worker, 1 runtime thread, ...)``."""
+    return (
+        f"granian {_version('granian')} (loop={settings['loop']}, HTTP/1.1, 1 worker, "
+        "1 runtime thread, access log off)"
     )
 
 

@@ -1,12 +1,15 @@
-"""The candidate: the benchmark handlers as aioserve backends, on uvicorn.
+"""The candidate: the benchmark handlers as aioserve backends, on uvicorn or granian.
 
-``python -m benchmarks.aioserve_app --port P [--loop L] [--http H] [--extra-endpoints N]``
+``python -m benchmarks.aioserve_app --port P [--loop L] [--http H] [--server S]
+[--extra-endpoints N]``
 
 Routes (the contract of :mod:`benchmarks.bare_starlette`, each an endpoint with its own backend):
 
 - ``GET /noop``: an async function backend returning ``ok``.
 - ``GET /sync-noop``: a sync function backend returning ``ok`` (run on its replica's thread).
 - ``POST /json``: an async backend returning ``{"echo": <the request's JSON body>}``.
+- ``GET /floats``: an async backend returning :data:`~benchmarks._harness.FLOATS` (1,000 floats),
+  which aioserve encodes as JSON.
 - ``GET /-/healthz``: aioserve's own readiness route.
 - ``GET /e0`` .. ``/e<N-1>`` with ``--extra-endpoints N``: more static endpoints on the noop
   backend, so that the cost of a larger route table can be measured.
@@ -14,6 +17,8 @@ Routes (the contract of :mod:`benchmarks.bare_starlette`, each an endpoint with 
 uvicorn gets the settings :mod:`benchmarks.bare_starlette` passes to ``uvicorn.run`` (loop, http,
 ``log_level="warning"``, ``access_log=False``, default log config, one worker); lifespan is off
 because the ``Serve`` instance is entered here, on the same loop, before the server starts.
+With ``--server granian`` it is aioserve's own granian server, as ``http_options={"server":
+"granian"}`` starts it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 import uvicorn
 
 import aioserve
-from benchmarks._harness import LOCAL_HOST, server_argparser
+from aioserve import servers
+from aioserve._concurrency import TaskOwner
+from benchmarks._harness import FLOATS, LOCAL_HOST, server_argparser
 
 
 async def noop(request: Any) -> str:
@@ -42,16 +49,22 @@ async def echo_json(request: Any) -> dict[str, Any]:
     return {"echo": await request.json()}
 
 
+async def floats(request: Any) -> list[float]:
+    return FLOATS
+
+
 async def build(serve: aioserve.Serve, extra_endpoints: int = 0) -> None:
     """Create the benchmark backends and endpoints on a started ``serve``."""
     await serve.create_backend("noop", noop)
     await serve.create_backend("sync-noop", sync_noop)
     await serve.create_backend("json", echo_json)
+    await serve.create_backend("floats", floats)
     await serve.create_endpoint("noop", backend="noop", route="/noop", methods=["GET"])
     await serve.create_endpoint(
         "sync-noop", backend="sync-noop", route="/sync-noop", methods=["GET"]
     )
     await serve.create_endpoint("json", backend="json", route="/json", methods=["POST"])
+    await serve.create_endpoint("floats", backend="floats", route="/floats", methods=["GET"])
     for i in range(extra_endpoints):
         await serve.create_endpoint(f"e{i}", backend="noop", route=f"/e{i}", methods=["GET"])
 
@@ -91,6 +104,30 @@ async def serve_forever(port: int, loop: str, http: str, extra_endpoints: int) -
         await server.serve()
 
 
+async def serve_forever_on_granian(port: int, extra_endpoints: int) -> None:
+    """Run aioserve behind its own granian server (``aioserve.servers.GranianServer``, what
+    ``http_options={"server": "granian"}`` starts) on 127.0.0.1:``port`` until SIGTERM or SIGINT.
+
+    The server starts once the endpoints exist, as the uvicorn one does, so that readiness
+    (``/-/healthz``) means every route is served.
+    """
+    async with aioserve.Serve(http_options={"location": "NoServer"}) as serve:
+        await build(serve, extra_endpoints)
+        options = aioserve.HTTPOptions(host=LOCAL_HOST, port=port, server="granian")
+        server = servers.make_server(serve.asgi_app, servers.bind(LOCAL_HOST, port), options)
+        owner = TaskOwner("benchmark server")
+        await server.start(owner)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+            await owner.aclose()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = server_argparser(
         "python -m benchmarks.aioserve_app", "Serve the benchmark routes through aioserve."
@@ -106,7 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.extra_endpoints < 0:
         parser.error(f"--extra-endpoints must be at least 0, got {args.extra_endpoints!r}.")
     with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
-        runner.run(serve_forever(args.port, args.loop, args.http, args.extra_endpoints))
+        if args.server == "granian":
+            runner.run(serve_forever_on_granian(args.port, args.extra_endpoints))
+        else:
+            runner.run(serve_forever(args.port, args.loop, args.http, args.extra_endpoints))
     return 0
 
 

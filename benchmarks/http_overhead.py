@@ -1,10 +1,14 @@
-"""HTTP overhead: the same handlers as bare Starlette routes and through aioserve, on uvicorn.
+"""HTTP overhead: the same handlers as bare Starlette routes and through aioserve, on uvicorn and
+on granian.
 
-``python -m benchmarks.http_overhead [--duration S] [--rounds N] [--connections 1,64] [--quick]``
+``python -m benchmarks.http_overhead [--duration S] [--rounds N] [--connections 1,64]
+[--servers uvicorn,granian] [--quick]``
 
-Both servers run at once (the idle one costs nothing) with the same uvicorn settings; every case
-is loaded A B A B ... so drift on a shared machine hits both alike, and the table shows medians
-and the ratio aioserve / Starlette.
+Every server runs at once (the idle ones cost nothing): bare Starlette and aioserve on uvicorn
+with the same uvicorn settings, and, when granian is installed, both again on granian. Every case
+is loaded A B C D A B C D ... so drift on a shared machine hits them all alike, and the table
+shows medians and the ratios aioserve / Starlette on the same server, and aioserve on granian /
+Starlette on uvicorn.
 
 A second table compares aioserve with itself: the async noop at concurrency 64 with the benchmark
 endpoints alone, and with 1,000 more static endpoints (``--extra-endpoints``), loaded A B A B the
@@ -32,6 +36,7 @@ from pathlib import Path
 from benchmarks._harness import (
     LOAD_TOOL_ENV,
     REPO_ROOT,
+    SERVERS,
     LoadError,
     LoadResult,
     LoadTool,
@@ -39,10 +44,12 @@ from benchmarks._harness import (
     ServerStartError,
     alternate,
     default_threads,
+    describe_granian,
     describe_load_tool,
     describe_uvicorn,
     format_rps,
     free_port,
+    granian_installed,
     markdown_table,
     median_result,
     ratio,
@@ -97,6 +104,7 @@ CASES = (
         body=b'{"text": "hello world", "values": [1, 2, 3], "flag": true}',
         headers={"Content-Type": "application/json"},
     ),
+    Case("JSON 1,000 floats", "GET", "/floats"),
 )
 
 
@@ -124,14 +132,16 @@ def module_server(
 def default_servers(
     settings: Mapping[str, str], candidate_module: str = AIOSERVE_MODULE
 ) -> tuple[ServerSpec, ServerSpec]:
-    """The baseline and the candidate, both started with the same uvicorn ``settings``.
+    """The baseline and the candidate, both started with the same ``settings`` (whose ``server``
+    names the HTTP server, and the columns: ``starlette/uvicorn``, ``aioserve/uvicorn``).
 
     Passing ``benchmarks.bare_starlette`` as the candidate gives an A/A run: its ratios show how
     much of a difference the machine's noise alone makes.
     """
-    baseline = module_server("starlette", "benchmarks.bare_starlette", settings)
+    server = settings.get("server", "uvicorn")
+    baseline = module_server(f"starlette/{server}", "benchmarks.bare_starlette", settings)
     name = "aioserve" if candidate_module == AIOSERVE_MODULE else candidate_module.split(".")[-1]
-    return baseline, module_server(name, candidate_module, settings)
+    return baseline, module_server(f"{name}/{server}", candidate_module, settings)
 
 
 def route_table_server(settings: Mapping[str, str], extra_endpoints: int) -> ServerSpec:
@@ -152,6 +162,7 @@ class Options:
     tool: LoadTool
     candidate_module: str = AIOSERVE_MODULE
     extra_endpoints: int = DEFAULT_EXTRA_ENDPOINTS
+    servers: tuple[str, ...] = ("uvicorn",)
 
 
 def _progress(message: str) -> None:
@@ -338,35 +349,82 @@ def render_route_table(result: RouteTableResult, options: Options) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Pair:
+    """One HTTP server's two columns: bare Starlette and the candidate, both on ``server``."""
+
+    server: str
+    baseline: str
+    candidate: str
+
+
+def _ratios(pairs: Sequence[Pair]) -> list[tuple[str, str, str]]:
+    """(column, numerator, denominator): the candidate against Starlette on each server, and the
+    candidate on every other server against Starlette on the first (uvicorn)."""
+    ratios = [(f"ratio {p.server}", p.candidate, p.baseline) for p in pairs]
+    first = pairs[0]
+    for pair in pairs[1:]:
+        ratios.append((f"{pair.candidate} / {first.baseline}", pair.candidate, first.baseline))
+    return ratios
+
+
+def build_matrix_rows(
+    medians: Mapping[tuple[str, int], Mapping[str, LoadResult]], pairs: Sequence[Pair]
+) -> tuple[list[dict[str, object]], list[str], list[dict[str, object]], list[str]]:
+    """The req/s table (with the ratios) and the latency table, one row per case and concurrency."""
+    names = [name for pair in pairs for name in (pair.baseline, pair.candidate)]
+    ratios = _ratios(pairs)
+    columns = ["case", "concurrency", *(f"{n} req/s" for n in names), *(r[0] for r in ratios)]
+    latency_columns = ["case", "concurrency", *(f"{n} p50/p99 ms" for n in names)]
+    rows: list[dict[str, object]] = []
+    latency_rows: list[dict[str, object]] = []
+    for (case_name, connections), by_server in medians.items():
+        row: dict[str, object] = {"case": case_name, "concurrency": connections}
+        latency: dict[str, object] = {"case": case_name, "concurrency": connections}
+        for name in names:
+            result = by_server.get(name)
+            row[f"{name} req/s"] = format_rps(result.rps) if result else None
+            latency[f"{name} p50/p99 ms"] = _p50_p99(result)
+        for column, numerator, denominator in ratios:
+            num, den = by_server.get(numerator), by_server.get(denominator)
+            row[column] = ratio(num.rps, den.rps) if num and den else None
+        rows.append(row)
+        latency_rows.append(latency)
+    return rows, columns, latency_rows, latency_columns
+
+
 def render_report(
     medians: Mapping[tuple[str, int], Mapping[str, LoadResult]],
     options: Options,
     settings: Mapping[str, str],
-    baseline: str,
-    candidate: str,
+    pairs: Sequence[Pair],
     footnotes: Sequence[str],
     route_table: RouteTableResult | None = None,
 ) -> str:
-    rows, columns = build_rows(medians, baseline, candidate)
+    rows, columns, latency_rows, latency_columns = build_matrix_rows(medians, pairs)
     cpus = os.cpu_count()
+    described = [describe_uvicorn(settings)]
+    if any(pair.server == "granian" for pair in pairs):
+        described.append(describe_granian(settings))
     caption = (
-        f"**HTTP overhead, {candidate} vs bare {baseline}** (same handlers). "
-        f"{describe_uvicorn(settings)}; load: {describe_load_tool(options.tool)}, "
-        f"threads = min(concurrency, 2), {options.duration_s:g} s per run, "
-        f"{options.rounds} {'round' if options.rounds == 1 else 'rounds'} alternating "
-        "A B A B, medians shown; "
-        f"os.cpu_count() = {cpus}; Python {platform.python_version()}."
+        f"**HTTP overhead, {' and '.join(p.candidate for p in pairs)} vs bare Starlette on the "
+        f"same server** (same handlers). {'; '.join(described)}; load: "
+        f"{describe_load_tool(options.tool)}, threads = min(concurrency, 2), "
+        f"{options.duration_s:g} s per run, {options.rounds} "
+        f"{'round' if options.rounds == 1 else 'rounds'} alternating over every server, "
+        f"medians shown; os.cpu_count() = {cpus}; Python {platform.python_version()}."
     )
     notes = [
-        f"ratio = {candidate} req/s / {baseline} req/s (higher is better, 1.00 = no overhead); "
-        f"ratio p99 = {candidate} p99 / {baseline} p99 (lower is better).",
-        f"The load generator runs on this machine and shares its {cpus} cores with the server: "
+        "ratio SERVER = candidate req/s / Starlette req/s on that server (higher is better, "
+        "1.00 = no overhead); the last ratio compares across servers.",
+        f"The load generator runs on this machine and shares its {cpus} cores with the servers: "
         "compare ratios, not absolute figures.",
         *_error_notes(medians),
         *footnotes,
     ]
     lines = [caption, "", markdown_table(rows, columns), ""]
     lines += [f"- {note}" for note in notes]
+    lines += ["", "**Latency** (same runs).", "", markdown_table(latency_rows, latency_columns)]
     if route_table is not None:
         lines += ["", render_route_table(route_table, options)]
     return "\n".join(lines)
@@ -382,6 +440,16 @@ def _connections(text: str) -> tuple[int, ...]:
     if not values or any(value < 1 for value in values):
         raise argparse.ArgumentTypeError(
             f"--connections needs at least one concurrency, each at least 1, got {text!r}."
+        )
+    return values
+
+
+def _servers(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [value for value in values if value not in SERVERS]
+    if not values or unknown or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(
+            f"--servers takes {','.join(SERVERS)} or one of them, got {text!r}."
         )
     return values
 
@@ -420,6 +488,12 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         f"{ROUTE_TABLE_CONNECTIONS} (default {DEFAULT_EXTRA_ENDPOINTS}; 0 skips them)",
     )
     parser.add_argument(
+        "--servers",
+        type=_servers,
+        default=None,
+        help="comma-separated HTTP servers (default uvicorn,granian; granian only if installed)",
+    )
+    parser.add_argument(
         "--candidate",
         default=AIOSERVE_MODULE,
         metavar="MODULE",
@@ -436,6 +510,9 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         )
     if args.extra_endpoints < 0:
         parser.error(f"--extra-endpoints must be at least 0, got {args.extra_endpoints!r}.")
+    servers = args.servers or (SERVERS if granian_installed() else ("uvicorn",))
+    if "granian" in servers and not granian_installed():
+        parser.error("--servers granian needs granian: pip install -e '.[granian]'.")
     return Options(
         duration_s,
         rounds,
@@ -443,6 +520,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         resolve_load_tool(args.load),
         args.candidate,
         args.extra_endpoints,
+        servers,
     )
 
 
@@ -475,26 +553,37 @@ def measure_route_table(
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     settings = uvicorn_settings()
-    baseline, candidate = default_servers(settings, options.candidate_module)
     footnotes: list[str] = []
+    pairs: list[Pair] = []
     with contextlib.ExitStack() as stack:
-        try:
-            servers = [(baseline.name, _start(baseline, stack))]
-        except ServerStartError as exc:
-            _progress(f"The baseline server failed to start:\n{exc}")
-            return 1
-        candidate_server = _start_candidate(candidate, stack, footnotes)
-        if candidate_server is not None:
-            servers.append((candidate.name, candidate_server))
+        servers: list[tuple[str, ServerProcess]] = []
+        candidates: dict[str, ServerProcess] = {}
+        for kind in options.servers:
+            baseline, candidate = default_servers(uvicorn_settings(kind), options.candidate_module)
+            try:
+                servers.append((baseline.name, _start(baseline, stack)))
+            except ServerStartError as exc:
+                _progress(f"The baseline server {baseline.name} failed to start:\n{exc}")
+                return 1
+            candidate_server = _start_candidate(candidate, stack, footnotes)
+            if candidate_server is not None:
+                servers.append((candidate.name, candidate_server))
+                candidates[kind] = candidate_server
+            pairs.append(Pair(kind, baseline.name, candidate.name))
         medians = measure(servers, options, footnotes)
         route_table = None
+        first = pairs[0]
         if (
-            candidate_server is not None
+            first.server in candidates
             and options.candidate_module == AIOSERVE_MODULE
             and options.extra_endpoints > 0
         ):
             route_table = measure_route_table(
-                (candidate.name, candidate_server), options, settings, stack, footnotes
+                (first.candidate, candidates[first.server]),
+                options,
+                uvicorn_settings(first.server),
+                stack,
+                footnotes,
             )
         for name, server in servers:
             if server.returncode is not None:
@@ -503,11 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{name}: the server exited with code {server.returncode} during the run; "
                     "its output is on stderr."
                 )
-    print(
-        render_report(
-            medians, options, settings, baseline.name, candidate.name, footnotes, route_table
-        )
-    )
+    print(render_report(medians, options, settings, pairs, footnotes, route_table))
     return 0
 
 

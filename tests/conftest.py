@@ -1,4 +1,8 @@
-"""Shared fixtures: an in-process instance, one behind real uvicorn, and the sync facade."""
+"""Shared fixtures: an in-process instance, one behind a real server, and the sync facade.
+
+Every test that takes ``served`` (or ``server_name``) runs once per HTTP server: uvicorn and
+granian (the ``aioserve[granian]`` extra, part of ``dev``: without it those tests fail, not skip).
+"""
 
 from __future__ import annotations
 
@@ -36,10 +40,22 @@ async def http(serve: Serve) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+SERVERS = ("uvicorn", "granian")
+
+
+@pytest.fixture(params=SERVERS)
+def server_name(request: pytest.FixtureRequest) -> str:
+    """The HTTP server a real-server test runs on (``http_options["server"]``): each in turn."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture
-async def served() -> AsyncIterator[Serve]:
-    """An instance behind a real uvicorn server on 127.0.0.1 and a free port (``served.url``)."""
-    async with Serve(http_options={"host": "127.0.0.1", "port": 0}, seed=0) as instance:
+async def served(server_name: str) -> AsyncIterator[Serve]:
+    """An instance behind a real server (uvicorn, then granian) on 127.0.0.1 and a free port
+    (``served.url``)."""
+    options = {"host": "127.0.0.1", "port": 0, "server": server_name}
+    async with Serve(http_options=options, seed=0) as instance:
         yield instance
 
 

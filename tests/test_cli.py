@@ -42,8 +42,13 @@ def _run_to_exit(*args: str, path: Path | None = None) -> subprocess.CompletedPr
 # -- serving ---------------------------------------------------------------------------------------
 
 
-def test_a_setup_function_serves_until_sigterm(run: Callable[..., Running]) -> None:
-    server = run("examples.deployment:setup", "--port", "0", "--log-level", "warning")
+def test_a_setup_function_serves_until_sigterm(
+    run: Callable[..., Running], server_name: str
+) -> None:
+    server = run(
+        "examples.deployment:setup",
+        *("--port", "0", "--log-level", "warning", "--server", server_name),
+    )
     url = server.url()
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
     assert httpx.get(f"{url}/hello", params={"name": "cli"}).text == "hello cli"
@@ -80,9 +85,13 @@ def test_a_serve_instance_is_served_with_the_flags_address(run: Callable[..., Ru
     assert server.stop() == 0
 
 
-def test_workers_answer_from_different_processes(run: Callable[..., Running]) -> None:
+def test_workers_answer_from_different_processes(
+    run: Callable[..., Running], server_name: str
+) -> None:
     port = _free_port()
-    server = run("examples.deployment:setup", "--workers", "2", "--port", str(port))
+    server = run(
+        "examples.deployment:setup", "--workers", "2", "--port", str(port), "--server", server_name
+    )
     url = server.url()
     assert url == f"http://127.0.0.1:{port}"
     assert "with 2 worker processes" in server.stdout[-1]
@@ -95,7 +104,7 @@ def test_workers_answer_from_different_processes(run: Callable[..., Running]) ->
     assert len(pids) == 2, f"one process answered all 300 requests: {pids}"
     assert server.proc.pid not in pids  # the parent only manages them
     assert server.stop(signal.SIGTERM) == 0
-    for pid in pids:  # uvicorn stopped and reaped its workers before the parent exited
+    for pid in pids:  # the server stopped and reaped its workers before the parent exited
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
@@ -243,6 +252,16 @@ def test_a_setup_function_must_take_the_instance(
 )
 def test_bad_options(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
     assert needle in _fails(capsys, EXAMPLE_TOML, *argv)
+
+
+@pytest.mark.usefixtures("in_repo")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_server_granian_without_the_extra_exits_2_naming_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "granian", None)  # import granian raises ImportError
+    err = _fails(capsys, EXAMPLE_TOML, "--server", "granian", "--workers", workers, "--port", "9")
+    assert "The HTTP server 'granian' is not installed: pip install 'aioserve[granian]'" in err
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -773,11 +773,12 @@ class AddHeader:
         await self.app(scope, receive, stamped)
 
 
-async def test_middlewares_wrap_the_app() -> None:
-    """Real uvicorn: a user middleware sees every response, endpoints and errors alike."""
+async def test_middlewares_wrap_the_app(server_name: str) -> None:
+    """Real server: a user middleware sees every response, endpoints and errors alike."""
     options = {
         "host": "127.0.0.1",
         "port": 0,
+        "server": server_name,
         "middlewares": [
             Middleware(AddHeader, name="X-Outer", value="1"),
             Middleware(AddHeader, name="X-Inner", value="2"),
@@ -798,8 +799,8 @@ async def test_middlewares_wrap_the_app() -> None:
             assert names == ["x-inner", "x-outer"]
 
 
-async def test_root_path_follows_uvicorn() -> None:
-    """Real uvicorn with ``root_path="/prefix"``.
+async def test_root_path_follows_uvicorn(server_name: str) -> None:
+    """Real server with ``root_path="/prefix"``, granian the same as uvicorn.
 
     uvicorn's ``root_path`` (``--root-path``) means "a proxy in front strips this prefix": since
     uvicorn 0.26 the server answers at ``/hello`` and the app sees the full public path
@@ -811,7 +812,7 @@ async def test_root_path_follows_uvicorn() -> None:
     def where(request: Request) -> dict[str, str]:
         return {"url_path": request.url.path, "root_path": request.scope["root_path"]}
 
-    options = {"host": "127.0.0.1", "port": 0, "root_path": "/prefix"}
+    options = {"host": "127.0.0.1", "port": 0, "root_path": "/prefix", "server": server_name}
     async with Serve(http_options=options) as s:
         await deploy(s, "hello", where)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.http_port}") as client:
@@ -822,11 +823,11 @@ async def test_root_path_follows_uvicorn() -> None:
             assert (await client.get("/-/routes")).json() == {"/hello": ["hello", ["GET"]]}
 
 
-async def test_url_with_root_path_reaches_the_endpoints() -> None:
-    """Real uvicorn: ``s.url`` is "the base URL of this instance's own HTTP server", so a client
+async def test_url_with_root_path_reaches_the_endpoints(server_name: str) -> None:
+    """Real server: ``s.url`` is "the base URL of this instance's own HTTP server", so a client
     that joins a route onto it must reach the endpoint, root_path or not (Ray 1.x did:
     ``requests.get(handle.url)`` with the prefix in it)."""
-    options = {"host": "127.0.0.1", "port": 0, "root_path": "/prefix"}
+    options = {"host": "127.0.0.1", "port": 0, "root_path": "/prefix", "server": server_name}
     async with Serve(http_options=options) as s:
         await deploy(s, "hello", lambda request: "hello")
         assert s.url is not None
@@ -835,12 +836,12 @@ async def test_url_with_root_path_reaches_the_endpoints() -> None:
             assert (r.status_code, r.text) == (200, "hello")
 
 
-async def test_bind_failure_raises_bind_error_at_start() -> None:
+async def test_bind_failure_raises_bind_error_at_start(server_name: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        s = Serve(http_options={"host": "127.0.0.1", "port": port})
+        s = Serve(http_options={"host": "127.0.0.1", "port": port, "server": server_name})
         with pytest.raises(aioserve.BindError) as info:
             await s.start()
         assert isinstance(info.value, OSError)
@@ -849,8 +850,8 @@ async def test_bind_failure_raises_bind_error_at_start() -> None:
         await s.aclose()
 
 
-async def test_port_0_picks_a_free_port(served: Serve) -> None:
-    """Real uvicorn: the chosen port is readable and the server answers there."""
+async def test_port_0_picks_a_free_port(served: Serve, server_name: str) -> None:
+    """Real server: the chosen port is readable and the server answers there."""
     port = served.http_port
     assert isinstance(port, int) and port > 0
     assert served.url == f"http://127.0.0.1:{port}"
@@ -859,7 +860,7 @@ async def test_port_0_picks_a_free_port(served: Serve) -> None:
         assert (await client.get("/-/healthz")).status_code == 200
         assert (await client.get("/hello")).text == "hello"
     # A second instance on port 0 gets a different port: both serve at once.
-    async with Serve(http_options={"host": "127.0.0.1", "port": 0}) as other:
+    async with Serve(http_options={"host": "127.0.0.1", "port": 0, "server": server_name}) as other:
         assert other.http_port not in (None, port)
         await deploy(other, "hello", lambda request: "other")
         async with httpx.AsyncClient() as client:

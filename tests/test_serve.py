@@ -76,9 +76,9 @@ async def test_a_single_method_string_is_accepted(serve: Serve, http: httpx.Asyn
     assert (await http.post("/x")).text == "echo"
 
 
-async def test_ipv6_server_url_is_bracketed() -> None:
+async def test_ipv6_server_url_is_bracketed(server_name: str) -> None:
     try:
-        s = Serve(http_options={"host": "::1", "port": 0})
+        s = Serve(http_options={"host": "::1", "port": 0, "server": server_name})
         await s.start()
     except aioserve.BindError:
         pytest.skip("IPv6 loopback is not available on this machine")

@@ -1,5 +1,6 @@
-"""Streams both ways, through a real uvicorn server: generator handlers stream their results from
-inside their replica (holding its slot), and handlers read request bodies as they arrive."""
+"""Streams both ways, through a real server (uvicorn, then granian): generator handlers stream their
+results from inside their replica (holding its slot), and handlers read request bodies as they
+arrive."""
 
 from __future__ import annotations
 
