@@ -49,14 +49,15 @@ LAYERS: dict[str, int] = {
     "client": 7,
     "api": 7,
     "cli": 7,
+    "cliworkers": 7,
     "deployment": 7,
     "__main__": 7,
     "__init__": 7,
 }
 
 # Third-party packages allowed only in some modules (at run time; TYPE_CHECKING imports are free).
-# cli runs uvicorn's own process manager for --workers.
-CONFINED = {"starlette": {"http", "inbox", "router"}, "uvicorn": {"servers", "cli"}}
+# cliworkers runs uvicorn's own process manager for --workers.
+CONFINED = {"starlette": {"http", "inbox", "router"}, "uvicorn": {"servers", "cliworkers"}}
 
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 
