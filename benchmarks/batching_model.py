@@ -179,7 +179,7 @@ def measure(options: Options) -> list[Row]:
         servers: dict[str, ServerProcess] = {}
         for name in ("starlette", "aioserve"):
             port = free_port()
-            argv = [*server_argv(MODULE, port, settings), "--server", name]
+            argv = [*server_argv(MODULE, port, settings), "--app", name]
             # Training the forest at startup takes a moment on a busy machine.
             server = stack.enter_context(ServerProcess(argv, port, startup_timeout_s=120.0))
             warm_up(port, [("POST", "/predict", BODY, HEADERS)])

@@ -1,6 +1,6 @@
 """The servers of :mod:`benchmarks.batching_model`: one scikit-learn model behind ``POST /predict``.
 
-``python -m benchmarks.model_app --server aioserve|starlette --port P [--loop L] [--http H]``
+``python -m benchmarks.model_app --app aioserve|starlette --port P [--loop L] [--http H]``
 
 Both answer ``{"pixels": [64 numbers]}`` with ``{"label": int}`` from the same model (a 50-tree
 random forest trained at startup on scikit-learn's digits data, as in ``examples/digits_batch.py``):
@@ -82,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = server_argparser(
         "python -m benchmarks.model_app", "Serve the digits model behind POST /predict."
     )
-    parser.add_argument("--server", choices=["aioserve", "starlette"], required=True)
+    parser.add_argument("--app", choices=["aioserve", "starlette"], required=True)
     args = parser.parse_args(argv)
-    if args.server == "starlette":
+    if args.app == "starlette":
         uvicorn.run(
             starlette_app(),
             host=LOCAL_HOST,
