@@ -69,7 +69,7 @@ async def build(serve: aioserve.Serve, extra_endpoints: int = 0) -> None:
         await serve.create_endpoint(f"e{i}", backend="noop", route=f"/e{i}", methods=["GET"])
 
 
-def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
+def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if loop == "uvloop":
         import uvloop
 
@@ -82,26 +82,31 @@ async def serve_forever(port: int, loop: str, http: str, extra_endpoints: int) -
     """Run aioserve behind uvicorn on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
     async with aioserve.Serve(http_options={"location": "NoServer"}) as serve:
         await build(serve, extra_endpoints)
-        config = uvicorn.Config(
-            serve.asgi_app,
-            host=LOCAL_HOST,
-            port=port,
-            loop=loop,
-            http=http,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-        )
-        server = uvicorn.Server(config)
+        await run_uvicorn(serve.asgi_app, port, loop, http)
 
-        def stop(signum: int, frame: object) -> None:
-            server.should_exit = True
 
-        # uvicorn restores the handlers it found and re-raises the signal it caught once it has
-        # shut down: with these in place, that ends serve() and lets `async with` close aioserve.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, stop)
-        await server.serve()
+async def run_uvicorn(app: Any, port: int, loop: str, http: str) -> None:
+    """Serve ``app`` with uvicorn on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
+    config = uvicorn.Config(
+        app,
+        host=LOCAL_HOST,
+        port=port,
+        loop=loop,
+        http=http,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn restores the handlers it found and re-raises the signal it caught once it has
+    # shut down: with these in place, that ends serve() and lets `async with` close aioserve.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    await server.serve()
 
 
 async def serve_forever_on_granian(port: int, extra_endpoints: int) -> None:
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.extra_endpoints < 0:
         parser.error(f"--extra-endpoints must be at least 0, got {args.extra_endpoints!r}.")
-    with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         if args.server == "granian":
             runner.run(serve_forever_on_granian(args.port, args.extra_endpoints))
         else:

@@ -16,7 +16,6 @@ Both serve ``GET /-/healthz`` for readiness and run on uvicorn with the same set
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +28,7 @@ from starlette.routing import Route
 
 import aioserve
 from benchmarks._harness import LOCAL_HOST, server_argparser
+from benchmarks.aioserve_app import loop_factory, run_uvicorn
 from examples.digits_batch import DigitsModel, setup
 
 
@@ -58,24 +58,7 @@ async def serve_aioserve(port: int, loop: str, http: str) -> None:
     """The candidate: the example's backend behind uvicorn until SIGTERM or SIGINT."""
     async with aioserve.Serve(http_options={"location": "NoServer"}) as serve:
         await setup(serve)
-        config = uvicorn.Config(
-            serve.asgi_app,
-            host=LOCAL_HOST,
-            port=port,
-            loop=loop,
-            http=http,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-        )
-        server = uvicorn.Server(config)
-
-        def stop(signum: int, frame: object) -> None:
-            server.should_exit = True
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, stop)
-        await server.serve()
+        await run_uvicorn(serve.asgi_app, port, loop, http)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,13 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log=False,
         )
         return 0
-    if args.loop == "uvloop":
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve_aioserve(args.port, args.loop, args.http))
-    else:
-        asyncio.run(serve_aioserve(args.port, args.loop, args.http))
+    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+        runner.run(serve_aioserve(args.port, args.loop, args.http))
     return 0
 
 
