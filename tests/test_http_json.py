@@ -1,4 +1,4 @@
-"""The JSON encoding of results (``aioserve.http.json_dumps``): orjson when installed, with the
+"""The JSON encoding of results (``aioserve.responses.json_dumps``): orjson when installed, with the
 standard library's answers. Whatever the encoder, a client decodes the same values, and what the
 standard library refuses (NaN, infinities, unknown types) is still refused."""
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aioserve.http import json_dumps
+from aioserve.responses import json_dumps
 
 
 def stdlib(obj: Any) -> bytes:

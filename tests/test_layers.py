@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "handle": 4,
     "router": 4,
     "inbox": 5,
+    "responses": 5,
     "http": 5,
     "servers": 6,
     "serve": 6,
@@ -57,7 +58,10 @@ LAYERS: dict[str, int] = {
 
 # Third-party packages allowed only in some modules (at run time; TYPE_CHECKING imports are free).
 # cliworkers runs uvicorn's own process manager for --workers.
-CONFINED = {"starlette": {"http", "inbox", "router"}, "uvicorn": {"servers", "cliworkers"}}
+CONFINED = {
+    "starlette": {"http", "inbox", "responses", "router"},
+    "uvicorn": {"servers", "cliworkers"},
+}
 
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 
