@@ -98,7 +98,6 @@ class Call:
         endpoint: str,
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
-        *,
         method: str | None = None,
         shard_key: str | None = None,
         deadline: float | None = None,

@@ -320,34 +320,50 @@ class Backend:
         replica = None if len(self._waiting) else self._acquire()
         if replica is None:
             replica = await self._wait(call)
-        return await self._run(replica, call)
-
-    async def _run(self, replica: _Replica, call: Call) -> Any:
-        """Run ``call`` on ``replica``, whose slot the caller holds; give the slot back after."""
+        # _run's body, inline: one coroutine frame less for every request.
         kept = False
         try:
             result = await replica.runner.call(call)
             if isinstance(result, Stream):
                 kept = True
-                return HeldStream(
-                    result,
-                    functools.partial(self._release, replica),
-                    asyncio.get_running_loop(),
-                    self._streams,
-                )
+                return self._hold(replica, result)
             return result
         finally:
-            lingering = call.lingering
-            if lingering is not None:
-                # The caller left, the work goes on (a sync handler on its thread): the slot
-                # comes back when the work is done.
+            if call.lingering is not None:
                 kept = True
-                loop = asyncio.get_running_loop()
-                lingering.add_done_callback(
-                    lambda _: _call_soon(loop, functools.partial(self._release, replica))
-                )
+                self._release_after(replica, call.lingering)
             if not kept:
                 self._release(replica)
+
+    async def _run(self, replica: _Replica, call: Call) -> Any:
+        """Run ``call`` on ``replica``, whose slot the caller holds; give the slot back after
+        (for a stream, when it ends; for work the runner cannot interrupt, when it is done)."""
+        kept = False
+        try:
+            result = await replica.runner.call(call)
+            if isinstance(result, Stream):
+                kept = True
+                return self._hold(replica, result)
+            return result
+        finally:
+            if call.lingering is not None:
+                kept = True
+                self._release_after(replica, call.lingering)
+            if not kept:
+                self._release(replica)
+
+    def _hold(self, replica: _Replica, stream: Stream) -> HeldStream:
+        """``stream``, giving ``replica``'s slot back once it is closed."""
+        release = functools.partial(self._release, replica)
+        return HeldStream(stream, release, asyncio.get_running_loop(), self._streams)
+
+    def _release_after(self, replica: _Replica, work: asyncio.Future[Any]) -> None:
+        """The caller left while work goes on (a sync handler on its thread): the slot comes
+        back when the work is done."""
+        loop = asyncio.get_running_loop()
+        work.add_done_callback(
+            lambda _: _call_soon(loop, functools.partial(self._release, replica))
+        )
 
     def _acquire(self) -> _Replica | None:
         """Take a slot on the least-loaded routed replica with one free, or return None.

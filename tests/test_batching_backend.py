@@ -488,7 +488,9 @@ async def test_http_callers_are_batched_over_real_uvicorn(served: Serve) -> None
             served,
             "dev",
             legacy_function(device),
-            config={"max_batch_size": 3, "batch_wait_timeout": LONG},
+            # A fixed wait: the three requests reach the server one by one, and the adaptive
+            # policy would send a lone first one at once.
+            config={"max_batch_size": 3, "batch_wait_timeout": LONG, "batch_wait_policy": "fixed"},
             route="/dev",
         )
         assert served.url is not None
