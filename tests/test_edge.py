@@ -305,3 +305,40 @@ async def test_shutdown_with_a_stuck_sync_handler_is_bounded_and_answers_503() -
     finally:
         stuck.set()
         await s.aclose()
+
+
+# -- sync handlers read the body ------------------------------------------------------------------
+
+
+async def test_a_sync_handler_reads_json_and_text_the_flask_way(edge: Serve) -> None:
+    seen: list[str] = []
+
+    def predict(request: Any) -> dict[str, Any]:
+        seen.append(threading.current_thread().name)
+        if request.args.get("raw"):
+            return {"text": request.get_data(as_text=True), "bytes": len(request.data)}
+        return {"sum": sum(request.get_json()["pixels"])}
+
+    await deploy(edge, "predict", predict)
+    async with httpx.AsyncClient(base_url=edge.url or "", timeout=HANG_GUARD_S) as client:
+        r = await client.post("/predict", json={"pixels": [1, 2, 3.5]})
+        assert (r.status_code, r.json()) == (200, {"sum": 6.5})
+        r = await client.post("/predict", params={"raw": "1"}, content="héllo".encode())
+        assert r.json() == {"text": "héllo", "bytes": 6}
+        bad = await client.post("/predict", content=b"{nope")
+        assert bad.status_code == 400
+        too_big = await client.post("/predict", content=bytes(2 * 1024 * 1024))
+        assert too_big.status_code == 413
+    # On the replica's thread, never the event loop's.
+    assert seen and all(name.startswith("aioserve-predict#") for name in seen)
+
+
+async def test_an_async_handler_is_told_to_await_the_body(edge: Serve) -> None:
+    async def early(request: Any) -> str:
+        return request.get_json()  # type: ignore[no-any-return]
+
+    await deploy(edge, "early", early)
+    async with httpx.AsyncClient(base_url=edge.url or "") as client:
+        r = await client.post("/early", json={"a": 1})
+    assert r.status_code == 500
+    assert "await request.body()" in r.text
