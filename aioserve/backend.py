@@ -320,37 +320,24 @@ class Backend:
         replica = None if len(self._waiting) else self._acquire()
         if replica is None:
             replica = await self._wait(call)
-        # _run's body, inline: one coroutine frame less for every request.
-        kept = False
+        # In this coroutine, not a helper: one frame less for every request.
         try:
             result = await replica.runner.call(call)
-            if isinstance(result, Stream):
-                kept = True
-                return self._hold(replica, result)
-            return result
-        finally:
-            if call.lingering is not None:
-                kept = True
-                self._release_after(replica, call.lingering)
-            if not kept:
-                self._release(replica)
+        except BaseException:
+            self._settle(replica, call, None)
+            raise
+        return self._settle(replica, call, result)
 
-    async def _run(self, replica: _Replica, call: Call) -> Any:
-        """Run ``call`` on ``replica``, whose slot the caller holds; give the slot back after
-        (for a stream, when it ends; for work the runner cannot interrupt, when it is done)."""
-        kept = False
-        try:
-            result = await replica.runner.call(call)
-            if isinstance(result, Stream):
-                kept = True
-                return self._hold(replica, result)
-            return result
-        finally:
-            if call.lingering is not None:
-                kept = True
-                self._release_after(replica, call.lingering)
-            if not kept:
-                self._release(replica)
+    def _settle(self, replica: _Replica, call: Call, result: Any) -> Any:
+        """The runner's call is over: give the slot back, or keep it while a stream is open or
+        while work the caller left goes on; return the result (a stream wrapped to hold it)."""
+        if call.lingering is not None:
+            self._release_after(replica, call.lingering)
+        elif isinstance(result, Stream):
+            return self._hold(replica, result)
+        else:
+            self._release(replica)
+        return result
 
     def _hold(self, replica: _Replica, stream: Stream) -> HeldStream:
         """``stream``, giving ``replica``'s slot back once it is closed."""
@@ -535,7 +522,13 @@ class Backend:
         # context of whichever request started the batch queue's worker).
         call_var.set(None)
         try:
-            return await self._run(replica, Call(self.tag, (list(items),), method=method))
+            call = Call(self.tag, (list(items),), None, method)
+            try:
+                result = await replica.runner.call(call)
+            except BaseException:
+                self._settle(replica, call, None)
+                raise
+            return self._settle(replica, call, result)
         finally:
             replica.batching.discard(method)
             self._batch_queues[method].wake()
