@@ -58,6 +58,7 @@ from .exceptions import (
 )
 from .handle import RayServeHandle, ServeFuture, ServeHandle
 from .inbox import ServeRequest
+from .ingress import ingress
 from .metrics import BackendStatistics
 from .policy import RoutePolicy
 from .serve import Serve
@@ -115,6 +116,7 @@ __all__ = [
     "get_backend_config",
     "get_handle",
     "get_replica_context",
+    "ingress",
     "init",
     "link",
     "list_backends",

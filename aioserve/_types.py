@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Protocol
 
 __all__ = [
+    "ASGI_METHOD",
     "Call",
     "Lifecycle",
     "Message",
@@ -38,6 +39,11 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+# The method of a call that hands an ASGI connection to an ingress backend's app: its arguments
+# are ``(scope, receive, send)`` and the app answers through ``send``. A dunder name, so no
+# caller can reach it by name (callable.bind_method refuses those).
+ASGI_METHOD = "__asgi__"
 
 
 class Lifecycle(enum.Enum):
@@ -184,6 +190,10 @@ class Runner(Protocol):
       ``call`` and gives it back when ``call`` returns (or when the stream ends). If the caller
       is cancelled while work the runner cannot interrupt goes on, the runner sets
       ``call.lingering`` to a future done when that work is, and the slot is kept until then.
+    * A backend of a class decorated with ``@serve.ingress`` also gets calls whose method is
+      :data:`ASGI_METHOD`, with ``(scope, receive, send)`` as arguments: the runner runs the
+      class's ASGI app on them inside the replica (the app answers through ``send``; the call
+      returns None).
     * ``kill()``: stop what runs now, at once; the callers get ``ReplicaStopped``.
     * ``await aclose()``: release what the runner holds (threads, processes, queues). Idempotent.
     """

@@ -18,6 +18,7 @@ from typing import Any
 from .batching import accepts_batches
 from .config import BackendConfig
 from .exceptions import ConfigError, ConfigTypeError, MethodNotFound
+from .ingress import ingress_app
 
 __all__ = [
     "LIFECYCLE_HOOKS",
@@ -114,6 +115,8 @@ class UserCallable:
         self.from_import_path = from_import_path
         self.has_reconfigure = self.is_class and callable(getattr(target, "reconfigure", None))
         self.uses_batch_decorator = _uses_batch_decorator(target)
+        # The FastAPI app of a class decorated with @serve.ingress (its endpoints are prefixes).
+        self.ingress: Any = ingress_app(target)
         self._modes: dict[tuple[Any, ...], _Mode] = {}
         self._method_batches: dict[str | None, bool] = {}
 

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from ._concurrency import TaskOwner, current_task
-from ._types import Call, Lifecycle, Message, Receive, Scope, Send, new_request_id
+from ._types import ASGI_METHOD, Call, Lifecycle, Message, Receive, Scope, Send, new_request_id
 from .calloptions import check_slo, deadline_from
 from .config import HTTPOptions
 from .context import call_var
@@ -154,8 +154,7 @@ class HTTPApp:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         elif kind == "websocket":
-            await receive()
-            await send({"type": "websocket.close", "code": 1000})
+            await self._websocket(scope, receive, send)
 
     async def system_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """An ASGI app that answers the system routes only (for ``system_port``)."""
@@ -231,6 +230,10 @@ class HTTPApp:
                     if running
                     else _plain(503, "This aioserve instance is not running.")
                 )
+            elif endpoint.ingress:
+                call.method = ASGI_METHOD
+                await self._ingress(scope, receive, send, endpoint, call)
+                return
             elif scope["method"] not in endpoint.http_methods:
                 allow = ", ".join(sorted(endpoint.http_methods))
                 response = _plain(
@@ -304,6 +307,116 @@ class HTTPApp:
             call.on_wait = None
             in_flight.discard(inbox)
             inbox.stop()
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket goes to the app of an ingress endpoint whose prefix matches its path;
+        any other is refused (closed before it is accepted: HTTP 403 to the client)."""
+        router = self._router
+        endpoint = router.match(route_path(scope))[0] if router.state is _RUNNING else None
+        if endpoint is None or not endpoint.ingress:
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1000})
+            return
+        request_id = new_request_id()
+        for key, value in scope["headers"]:
+            if key == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+                request_id = value.decode("latin-1")
+        call = Call(endpoint.name, method=ASGI_METHOD, request_id=request_id, web=True)
+        token = call_var.set(call)
+        try:
+            await self._ingress(scope, receive, send, endpoint, call)
+        finally:
+            call_var.reset(token)
+
+    async def _ingress(
+        self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, call: Call
+    ) -> None:
+        """Hand an HTTP request or a WebSocket to the app of an ingress backend, which answers
+        through ``send`` inside its replica. The app sees the endpoint's route as its mount
+        point (``root_path``), as under a Starlette ``Mount``."""
+        websocket = scope["type"] == "websocket"
+        header = (b"x-request-id", call.request_id.encode("latin-1"))
+        status = 0
+
+        async def send_out(message: Message) -> None:
+            nonlocal status
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            elif kind == "websocket.accept":
+                status = 101
+            elif kind == "websocket.close" and not status:
+                status = 403
+            await send(message)
+
+        root = scope.get("root_path", "")
+        child = dict(scope)
+        child["app_root_path"] = scope.get("app_root_path", root)
+        child["root_path"] = root + (endpoint.route or "").rstrip("/")
+        task = current_task(self.loop)
+        assert task is not None  # an ASGI app always runs in a task
+        inbox: Inbox | None = None
+        if websocket:
+            call.args = (child, receive, send_out)
+        else:
+            inbox = Inbox(task, receive, self._watchers, self._max_body_bytes)
+            call.args = (child, _body_limit_as_413(inbox.receive), send_out)
+        error: Exception | None = None
+        try:
+            query = scope.get("query_string", b"")
+            if query and b"slo_ms" in query:
+                call.deadline = _deadline_from_query(query)
+        except HTTPException as exc:
+            error = exc
+        if error is None:
+            if inbox is not None:
+                call.on_wait = inbox.start
+                self._in_flight.add(inbox)
+                if self._sweep_timer is None:
+                    self._sweep_timer = asyncio.get_running_loop().call_later(
+                        WATCH_RUNNING_AFTER_S, self._sweep
+                    )
+            try:
+                await self._router.enter(call)
+            except asyncio.CancelledError:
+                if inbox is not None and inbox.disconnected and task.uncancel() == 0:
+                    return  # the client went away: nobody is left to answer
+                raise
+            except ClientDisconnect:
+                return
+            except Exception as exc:
+                error = exc
+            finally:
+                if inbox is not None:
+                    call.on_wait = None
+                    self._in_flight.discard(inbox)
+                    inbox.stop()
+        if error is not None:
+            if status:
+                # The app answered (FastAPI sends its 500 and then raises): log it only.
+                logger.error(
+                    "Request %s to endpoint %r failed after its response started: %s: %s",
+                    call.request_id,
+                    endpoint.name,
+                    type(error).__name__,
+                    error,
+                    exc_info=error,
+                )
+            elif websocket:
+                retry = isinstance(error, (Overloaded, DeadlineExceeded, ServeShutdown))
+                self.error_response(error)  # logs it as for HTTP
+                await send({"type": "websocket.close", "code": 1013 if retry else 1011})
+                status = 403
+            else:
+                response = self.error_response(error)
+                response.raw_headers.append(header)
+                await response(scope, receive, send)
+                status = response.status_code
+        if self.access_log:
+            access_logger.info(
+                '%s "%s %s" %d', call.request_id, scope.get("method", "WS"), scope["path"], status
+            )
 
     def _sweep(self) -> None:
         """Start watching requests that have run for a sweep interval; one timer per app."""
@@ -389,6 +502,19 @@ def _send_with_header(send: Send, header: tuple[bytes, bytes]) -> Send:
         await send(message)
 
     return send_with_header
+
+
+def _body_limit_as_413(receive: Receive) -> Receive:
+    """``receive`` for an ingress app: a body past the limit is Starlette's HTTPException 413,
+    which FastAPI passes on (it turns other errors of the body into 400)."""
+
+    async def receive_within_limit() -> Message:
+        try:
+            return await receive()
+        except BodyTooLarge as exc:
+            raise HTTPException(413, str(exc)) from None
+
+    return receive_within_limit
 
 
 def _deadline_from_query(query: bytes) -> float | None:

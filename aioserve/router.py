@@ -77,6 +77,9 @@ class Endpoint:
     http_methods: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)
     regex: re.Pattern[str] | None = dataclasses.field(default=None, repr=False)
     convertors: dict[str, Convertor[Any]] = dataclasses.field(default_factory=dict, repr=False)
+    # Whether its traffic goes to @serve.ingress backends: then the route is a prefix, and each
+    # request under it goes to the backend's app as an ASGI connection.
+    ingress: bool = dataclasses.field(default=False, repr=False)
 
     def info(self) -> dict[str, Any]:
         """The plain dict list_endpoints shows."""
@@ -114,6 +117,8 @@ class Router:
         self._backends = backends
         self._static: dict[str, Endpoint] = {}
         self._dynamic: list[Endpoint] = []
+        # Routes of ingress endpoints, as prefixes, longest first (tried after the others).
+        self._prefixes: list[tuple[str, Endpoint]] = []
         self._shadows = TaskOwner("shadow copies")
         self._endpoint_waiters: dict[str, list[asyncio.Future[Endpoint]]] = {}
         self._warned_missing: set[str] = set()
@@ -149,6 +154,7 @@ class Router:
             else:
                 self._static[route] = endpoint
         self.endpoints[endpoint.name] = endpoint
+        self._index_prefixes()
         for future in self._endpoint_waiters.pop(endpoint.name, []):
             if not future.done():
                 future.set_result(endpoint)
@@ -161,7 +167,16 @@ class Router:
                 self._static.pop(endpoint.route, None)
             else:
                 self._dynamic = [e for e in self._dynamic if e is not endpoint]
+            self._index_prefixes()
         return endpoint
+
+    def _index_prefixes(self) -> None:
+        prefixes = [
+            (endpoint.route.rstrip("/"), endpoint)
+            for endpoint in self.endpoints.values()
+            if endpoint.ingress and endpoint.route is not None
+        ]
+        self._prefixes = sorted(prefixes, key=lambda item: len(item[0]), reverse=True)
 
     def match(self, path: str) -> tuple[Endpoint | None, dict[str, Any] | None]:
         """The endpoint whose route matches ``path``, and the converted path parameters (None
@@ -175,10 +190,19 @@ class Router:
             if m is not None:
                 convertors = endpoint.convertors
                 return endpoint, {k: convertors[k].convert(v) for k, v in m.groupdict().items()}
+        for prefix, endpoint in self._prefixes:
+            if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+                return endpoint, None
         return None, None
 
     def set_traffic(self, endpoint: Endpoint, traffic: Mapping[str, float]) -> None:
-        """Install a validated traffic dict (a new chooser: policy state starts afresh)."""
+        """Install a validated traffic dict (a new chooser: policy state starts afresh).
+
+        :class:`ConfigError`, and nothing changes, if the dict mixes ``@serve.ingress`` backends
+        with others, or sends an endpoint with shadows or a route with parameters to ingress
+        backends.
+        """
+        ingress = self._ingress_traffic(endpoint, traffic)
         table = TrafficTable(traffic)
         endpoint.chooser = make_chooser(
             self.policy,
@@ -188,6 +212,40 @@ class Router:
             policy_kwargs=self.policy_kwargs,
         )
         endpoint.table = table
+        if ingress is not endpoint.ingress:
+            endpoint.ingress = ingress
+            self._index_prefixes()
+
+    def is_ingress(self, backend_tag: str) -> bool:
+        """Whether the backend serves a class decorated with ``@serve.ingress``."""
+        backend = self._backends.get(backend_tag)
+        return backend is not None and backend.callable.ingress is not None
+
+    def _ingress_traffic(self, endpoint: Endpoint, traffic: Mapping[str, float]) -> bool:
+        ingress = sorted(tag for tag in traffic if self.is_ingress(tag))
+        if not ingress:
+            return False
+        others = sorted(tag for tag in traffic if tag not in ingress)
+        if others:
+            raise ConfigError(
+                f"Endpoint {endpoint.name!r}: traffic cannot mix @serve.ingress backends "
+                f"({', '.join(map(repr, ingress))}) with other backends "
+                f"({', '.join(map(repr, others))}): an ingress backend serves every path under "
+                f"the route, the others serve the route itself. Use one kind per endpoint."
+            )
+        if endpoint.shadows:
+            raise ConfigError(
+                f"Endpoint {endpoint.name!r} has shadow backends, and requests to "
+                f"@serve.ingress backends cannot be copied (their body is streamed to the app). "
+                f"Remove the shadows first."
+            )
+        if endpoint.route is not None and "{" in endpoint.route:
+            raise ConfigError(
+                f"Endpoint {endpoint.name!r}: the route {endpoint.route!r} has parameters, and "
+                f"the route of an endpoint served by @serve.ingress backends is a prefix. Give "
+                f"it a plain route; the app's own routes take the parameters."
+            )
+        return True
 
     def _backend_load(self, tag: str) -> int:
         backend = self._backends.get(tag)

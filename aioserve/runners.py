@@ -7,7 +7,9 @@ thread and then runs
 * sync handlers on that thread, one call at a time, like an actor (never on the event loop);
 * async handlers in the caller's own task (no hop);
 * generators, sync or async, as a :class:`~aioserve._types.Stream`: each item is produced inside
-  the replica (a sync generator on its thread), and the backend keeps the slot until it ends.
+  the replica (a sync generator on its thread), and the backend keeps the slot until it ends;
+* for a class decorated with ``@serve.ingress``, calls of method ``ASGI_METHOD``: the class's
+  FastAPI app, in the caller's task, with the class's ``def`` routes on the replica's thread.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from types import GeneratorType
 from typing import Any
 
 from ._concurrency import ReplicaThread, current_task
-from ._types import Call, Stream
+from ._types import ASGI_METHOD, Call, Receive, Scope, Send, Stream
 from .batching import BatchQueue, queue_owner, sync_batch_runner
 from .callable import Kind, UserCallable, adapt, bind_method, kind_of
 from .context import ReplicaContext, call_var, replica_var
 from .exceptions import BackendError, ConfigError, ReplicaStopped
+from .ingress import replica_thread
 from .metrics import Metrics
 
 __all__ = ["InProcessRunner"]
@@ -99,6 +102,9 @@ class InProcessRunner:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         self.context = dataclasses.replace(self.context, servable_object=self._obj)
+        app = self.callable.ingress
+        if app is not None:
+            self._methods[ASGI_METHOD] = (self._asgi_handler(app), _ASYNC, {})
         if user_config is not None:
             await self.reconfigure(user_config)
 
@@ -256,8 +262,31 @@ class InProcessRunner:
             return _ThreadStream(self, result)
         return result
 
+    def _asgi_handler(self, app: Any) -> Callable[[Scope, Receive, Send], Any]:
+        """The handler of ASGI_METHOD calls: the ingress app, with this replica's thread for
+        the class's ``def`` routes."""
+        run_route = self._run_route
+
+        async def serve_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+            token = replica_thread.set(run_route)
+            try:
+                await app(scope, receive, send)
+            finally:
+                replica_thread.reset(token)
+
+        return serve_asgi
+
+    async def _run_route(self, work: Callable[[], Any]) -> Any:
+        """Run a sync route function of an ingress app on this replica's thread, as the
+        request it serves."""
+        return await self._call_sync(call_var.get(), work, (), {})
+
     async def _call_sync(
-        self, call: Call, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        call: Call | None,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         ctx = contextvars.copy_context()
         ctx.run(self._enter)  # a variable it sets stays in the thread's copy
@@ -265,7 +294,7 @@ class InProcessRunner:
         try:
             return await self._wait_thread(future)
         except (asyncio.CancelledError, ReplicaStopped):
-            if not future.done():
+            if not future.done() and call is not None:
                 # The thread may be running it: the slot stays taken until the thread is done.
                 call.lingering = asyncio.wrap_future(future)
             raise

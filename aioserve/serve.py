@@ -543,6 +543,12 @@ class Serve:
             endpoint = self._endpoint(endpoint_name)
             self._backend(backend_tag)
             value = validate_shadow_proportion(proportion)
+            if value and (endpoint.ingress or self._router.is_ingress(backend_tag)):
+                raise ConfigError(
+                    f"Cannot shadow endpoint {endpoint_name!r} to backend {backend_tag!r}: "
+                    f"requests to or from @serve.ingress backends cannot be copied (their body "
+                    f"is streamed to the app)."
+                )
             shadows = dict(endpoint.shadows)
             if value == 0:
                 shadows.pop(backend_tag, None)

@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "batchqueue": 2,
     "batching": 2,
     "callable": 2,
+    "ingress": 2,
     "runners": 2,
     "backend": 3,
     "handle": 4,
