@@ -8,6 +8,7 @@ statuses; watching for a client that disconnects wraps ``receive`` here and nowh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -337,17 +338,19 @@ class HTTPApp:
         websocket = scope["type"] == "websocket"
         header = (b"x-request-id", call.request_id.encode("latin-1"))
         status = 0
+        closed = False  # a WebSocket the app closed
 
         async def send_out(message: Message) -> None:
-            nonlocal status
+            nonlocal status, closed
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), header]}
             elif kind == "websocket.accept":
                 status = 101
-            elif kind == "websocket.close" and not status:
-                status = 403
+            elif kind == "websocket.close":
+                closed = True
+                status = status or 403
             await send(message)
 
         root = scope.get("root_path", "")
@@ -394,7 +397,11 @@ class HTTPApp:
                     inbox.stop()
         if error is not None:
             if status:
-                # The app answered (FastAPI sends its 500 and then raises): log it only.
+                # The app answered (FastAPI sends its 500 and then raises): log it, and close a
+                # WebSocket it left open.
+                if websocket and not closed:
+                    with contextlib.suppress(Exception):
+                        await send({"type": "websocket.close", "code": 1011})
                 logger.error(
                     "Request %s to endpoint %r failed after its response started: %s: %s",
                     call.request_id,

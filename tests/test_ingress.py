@@ -14,7 +14,7 @@ from _sample_backends import Gate, until_queued, wait_until
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, WebSocket
 from pydantic import BaseModel
 from websockets.asyncio.client import connect as websocket_connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import aioserve as serve
 from aioserve import ConfigError, ConfigTypeError, Serve
@@ -269,6 +269,8 @@ async def test_the_root_route_takes_every_path_but_the_system_ones(
     assert (await http.get("/items/2")).json()["item_id"] == 2
     assert (await http.get("/plain")).text == "plain"  # an exact route wins over a prefix
     assert (await http.get("/-/healthz")).text == "success"
+    await serve.delete_endpoint("clf")
+    assert (await http.get("/items/2")).status_code == 404  # the prefix went with it
 
 
 async def test_mistakes_are_refused_and_change_nothing(serve: Serve) -> None:
@@ -337,3 +339,29 @@ async def test_a_queued_request_whose_client_left_never_runs(served: Serve) -> N
         gate.release.set()
         assert (await first).status_code == 200
     assert gate.entries == ["wait"]
+
+
+broken_app = FastAPI()
+
+
+@serve.ingress(broken_app)
+class BrokenSocket:
+    @broken_app.websocket("/ws")
+    async def ws(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        raise RuntimeError("the socket handler broke")
+
+
+async def test_a_websocket_handler_that_raises_is_closed_with_1011(
+    served: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    await served.create_backend("broken", BrokenSocket)
+    await served.create_endpoint("broken", backend="broken", route="/b")
+    url = served.url.replace("http://", "ws://")
+    async with websocket_connect(f"{url}/b/ws") as websocket:
+        await websocket.send("x")
+        with pytest.raises(ConnectionClosed) as closed:
+            await websocket.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    assert "the socket handler broke" in caplog.text
