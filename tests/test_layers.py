@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "calloptions": 1,
     "context": 1,
     "metrics": 1,
+    "exposition": 1,
     "_concurrency": 1,
     "_importer": 1,
     "policy": 2,
