@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "batching": 2,
     "callable": 2,
     "runners": 2,
+    "workermetrics": 2,
     "backend": 3,
     "handle": 4,
     "router": 4,
