@@ -2,6 +2,9 @@
 manager (uvicorn's, or granian's with ``--server granian``); each builds the deployment on its own
 ``Serve`` behind that server, reports to the parent when it is ready, and at a signal stops
 admitting at once, then drains. See :mod:`aioserve.cli`.
+
+The parent makes a directory for the run through which the workers share their metrics, so that
+``/-/metrics`` on any of them gives the whole server's figures (:mod:`aioserve.workermetrics`).
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +44,11 @@ from .config import HTTPOptions, ServerName
 from .exceptions import ConfigError
 from .serve import Serve
 from .servers import BACKLOG, GuardedProtocol, load_granian, uvicorn_limits
+from .workermetrics import WorkerMetrics, shared_directory
 
 __all__ = ["check_server", "check_workers", "run_workers"]
+
+logger = logging.getLogger(__name__)
 
 
 class _ReadyWatcher:
@@ -95,6 +103,7 @@ class _WorkerApp:
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = settings
         self._serve: Serve | None = None
+        self._metrics: WorkerMetrics | None = None
 
     def __repr__(self) -> str:
         return f"<aioserve worker {os.getpid()} {self._settings['target']!r}>"
@@ -139,6 +148,9 @@ class _WorkerApp:
             elif message["type"] == "lifespan.shutdown":
                 if self._serve is not None:
                     await self._serve.aclose()
+                if self._metrics is not None:
+                    # After the drain: the requests it finished count in the final figures.
+                    await self._metrics.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -147,11 +159,22 @@ class _WorkerApp:
         serve = target.make_serve(None, None, self._settings["limits"])
         try:
             await _start_and_populate(target, serve)
+            self._metrics = await self._share_metrics(serve)
         except BaseException:
             await serve.aclose()
             raise
         _drain_on_signals(serve)
         return serve
+
+    async def _share_metrics(self, serve: Serve) -> WorkerMetrics | None:
+        if sys.platform == "win32":
+            # No flock there: the slots of the shared directory cannot be claimed safely.
+            logger.warning(
+                "Under --workers on Windows, /-/metrics shows the figures of the worker that "
+                "answers the scrape only."
+            )
+            return None
+        return await WorkerMetrics.open(serve.metrics, Path(self._settings["metrics_dir"]))
 
 
 def _drain_on_signals(serve: Serve) -> None:
@@ -205,6 +228,17 @@ def check_server(server: ServerName) -> None:
 def run_workers(
     target: _Target, args: argparse.Namespace, address: tuple[str, int], server: ServerName
 ) -> int:
+    with shared_directory() as metrics_dir:
+        return _run_workers(target, args, address, server, metrics_dir)
+
+
+def _run_workers(
+    target: _Target,
+    args: argparse.Namespace,
+    address: tuple[str, int],
+    server: ServerName,
+    metrics_dir: Path,
+) -> int:
     host, port = address
     display = f"[{host}]" if ":" in host else host
     watcher = _ReadyWatcher(args.workers, f"http://{display}:{port}")
@@ -217,6 +251,7 @@ def run_workers(
         "token": watcher.token,
         # uvicorn adds root_path to the path itself; with granian the worker app does.
         "root_path": target.root_path if server == "granian" else "",
+        "metrics_dir": str(metrics_dir),
     }
     os.environ[_WORKER_ENV] = json.dumps(settings)
     watcher.start()

@@ -1,8 +1,10 @@
 """Metrics: request counts, errors, latency histograms, queue waits and batch sizes.
 
 The request path only bumps plain counters (everything runs on the instance's one event loop, so no
-locks); prometheus-client turns them into the exposition format at scrape time through a collector
-on a registry of the instance's own, so two instances in a process never mix. ``stat()`` answers the
+locks); at scrape time they are copied into a :class:`~aioserve.exposition.Snapshot`, which
+prometheus-client turns into the exposition format through a collector on a registry of the
+instance's own, so two instances in a process never mix. Under ``aioserve run --workers`` the
+snapshots of all the workers are summed (:mod:`aioserve.workermetrics`). ``stat()`` answers the
 0.8 question ("percentiles over the last N seconds") from per-second histograms kept for at most
 ``gc_window_seconds``: memory stays bounded however long the process runs.
 """
@@ -15,27 +17,31 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import Metric
 
 from .exceptions import ConfigError, ConfigTypeError
+from .exposition import (
+    BATCH_BUCKETS,
+    BATCH_SIZE,
+    ERRORS,
+    IN_FLIGHT,
+    LATENCY,
+    LATENCY_BUCKETS_S,
+    QUEUE_DEPTH,
+    QUEUE_WAIT,
+    REPLICAS,
+    REQUESTS,
+    SHADOWS_DROPPED,
+    Snapshot,
+)
 
 __all__ = ["CONTENT_TYPE", "BackendStatistics", "Metrics", "Series"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 # stat() percentiles come from log-spaced buckets 5 % wide: close enough for latency figures.
 _RATIO = 1.05
@@ -95,18 +101,9 @@ class _Histogram:
         self.total += value
         self.count += 1
 
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, n in zip(self.bounds, self.counts, strict=False):
-            running += n
-            out.append((_float_label(bound), running))
-        out.append(("+Inf", running + self.counts[-1]))
-        return out
-
-
-def _float_label(value: float) -> str:
-    return repr(float(value))
+    def value(self) -> list[float]:
+        """Its value in a :class:`~aioserve.exposition.Snapshot`: the counts, then the sum."""
+        return [*self.counts, self.total]
 
 
 # A second of a series: (second, {log bucket: count}, [requests, errors]).
@@ -275,6 +272,8 @@ class Metrics:
         # Keyed by (backend, method): the method a request called, or the batched method.
         self._queue_wait: dict[tuple[str, str], _Histogram] = {}
         self._batch_size: dict[tuple[str, str], _Histogram] = {}
+        # Set under --workers (aioserve.workermetrics): the whole server's snapshot.
+        self.aggregate: Callable[[], Awaitable[Snapshot]] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -309,9 +308,46 @@ class Metrics:
             hist = self._batch_size[key] = _Histogram(BATCH_BUCKETS)
         hist.observe(size)
 
+    def snapshot(self) -> Snapshot:
+        """The values of every exported family now (the gauges read ``gauges``)."""
+        snapshot = Snapshot()
+        values = snapshot.values
+        requests = values[REQUESTS.name]
+        errors = values[ERRORS.name]
+        latency = values[LATENCY.name]
+        for series in list(self._series.values()):
+            series.flush()
+            key = (series.endpoint, series.backend)
+            requests[key] = series.num_requests
+            errors[key] = series.num_errors
+            latency[key] = series.latency.value()
+        queue_wait = values[QUEUE_WAIT.name]
+        for key, hist in list(self._queue_wait.items()):
+            queue_wait[key] = hist.value()
+        batch_size = values[BATCH_SIZE.name]
+        for key, hist in list(self._batch_size.items()):
+            batch_size[key] = hist.value()
+        depth = values[QUEUE_DEPTH.name]
+        replicas = values[REPLICAS.name]
+        in_flight = values[IN_FLIGHT.name]
+        for gauge in self.gauges() if self.gauges is not None else ():
+            depth[(gauge.tag,)] = gauge.num_queued
+            replicas[(gauge.tag,)] = gauge.num_replicas
+            for replica_tag, n in gauge.in_flight.items():
+                in_flight[(gauge.tag, replica_tag)] = n
+        values[SHADOWS_DROPPED.name][()] = self.num_shadows_dropped
+        return snapshot
+
     def exposition(self) -> bytes:
-        """Everything in the Prometheus text format."""
+        """This instance's figures in the Prometheus text format."""
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """What ``GET /-/metrics`` answers: :meth:`exposition`, or with :attr:`aggregate` set
+        (each worker of ``aioserve run --workers``) the whole server's figures."""
+        if self.aggregate is None:
+            return self.exposition()
+        return (await self.aggregate()).render()
 
     # -- stat() ---------------------------------------------------------------------------------
 
@@ -324,6 +360,8 @@ class Metrics:
 
         Keys follow the 0.8 shape: ``latency_ms_{p}th_perc_{window}_window``, plus
         ``num_requests_{window}_window`` and ``num_errors_{window}_window`` and the totals.
+        These are this instance's figures only: under ``aioserve run --workers`` each worker
+        process answers with its own (``/-/metrics`` is the one that sums the workers).
         """
         percentiles = _check_percentiles(percentiles)
         windows = self._check_windows(agg_windows_seconds)
@@ -426,65 +464,4 @@ class _Collector:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        m = self._metrics
-        labels = ["endpoint", "backend"]
-        requests = CounterMetricFamily(
-            "aioserve_requests", "Requests answered, per endpoint and backend.", labels=labels
-        )
-        errors = CounterMetricFamily(
-            "aioserve_errors", "Requests that failed, per endpoint and backend.", labels=labels
-        )
-        latency = HistogramMetricFamily(
-            "aioserve_request_latency_seconds",
-            "Time from routing a request to its result, queueing included.",
-            labels=labels,
-        )
-        for series in list(m._series.values()):
-            series.flush()
-            values = [series.endpoint, series.backend]
-            requests.add_metric(values, series.num_requests)
-            errors.add_metric(values, series.num_errors)
-            latency.add_metric(values, series.latency.buckets(), series.latency.total)
-        yield requests
-        yield errors
-        yield latency
-        queue_wait = HistogramMetricFamily(
-            "aioserve_queue_wait_seconds",
-            "Time requests spent waiting for a replica (those that had to) or for their batch.",
-            labels=["backend", "method"],
-        )
-        for key, hist in list(m._queue_wait.items()):
-            queue_wait.add_metric(list(key), hist.buckets(), hist.total)
-        yield queue_wait
-        batch = HistogramMetricFamily(
-            "aioserve_batch_size",
-            "Requests per batch, per batch queue (config-driven or @serve.batch).",
-            labels=["backend", "method"],
-        )
-        for key, hist in list(m._batch_size.items()):
-            batch.add_metric(list(key), hist.buckets(), hist.total)
-        yield batch
-        depth = GaugeMetricFamily(
-            "aioserve_queue_depth", "Requests waiting for a replica.", labels=["backend"]
-        )
-        replicas = GaugeMetricFamily(
-            "aioserve_replicas", "Replicas serving a backend.", labels=["backend"]
-        )
-        in_flight = GaugeMetricFamily(
-            "aioserve_replica_in_flight",
-            "Requests running on (or assigned to) a replica.",
-            labels=["backend", "replica"],
-        )
-        for gauge in m.gauges() if m.gauges is not None else ():
-            depth.add_metric([gauge.tag], gauge.num_queued)
-            replicas.add_metric([gauge.tag], gauge.num_replicas)
-            for replica_tag, n in gauge.in_flight.items():
-                in_flight.add_metric([gauge.tag, replica_tag], n)
-        yield depth
-        yield replicas
-        yield in_flight
-        dropped = CounterMetricFamily(
-            "aioserve_shadows_dropped", "Shadow copies dropped because too many were in flight."
-        )
-        dropped.add_metric([], m.num_shadows_dropped)
-        yield dropped
+        return self._metrics.snapshot().metrics()

@@ -567,12 +567,13 @@ class Serve:
     ) -> dict[str, Any]:
         """Counts and latency percentiles per endpoint and backend over each window (0.8 shape).
 
-        Windows longer than ``gc_window_seconds`` are refused: older data is not kept.
+        Windows longer than ``gc_window_seconds`` are refused: older data is not kept. The
+        figures are this instance's: under ``aioserve run --workers`` each worker process's own.
         """
         return self.metrics.stat(percentiles, agg_windows_seconds)
 
     async def _metrics_route(self, request: Any) -> Any:
-        return self._http.plain_response(200, self.metrics.exposition(), CONTENT_TYPE)
+        return self._http.plain_response(200, await self.metrics.scrape(), CONTENT_TYPE)
 
     # -- handles --------------------------------------------------------------------------------
 

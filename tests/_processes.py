@@ -107,10 +107,15 @@ class Running:
         self._stderr.close()
 
 
-def until(predicate: Callable[[], bool], what: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    """Poll another process's visible state (a file, an HTTP answer) until ``predicate()``."""
+def until(
+    predicate: Callable[[], bool],
+    what: str | Callable[[], str],
+    timeout_s: float = START_TIMEOUT_S,
+) -> None:
+    """Poll another process's visible state (a file, an HTTP answer) until ``predicate()``.
+    ``what`` names it in the failure (a callable: made then, to tell what was seen last)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s} s: {what}")
+            pytest.fail(f"not within {timeout_s} s: {what() if callable(what) else what}")
         time.sleep(0.01)
