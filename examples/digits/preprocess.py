@@ -2,9 +2,8 @@
 
 A client sends ``{"pixels": [64 numbers from 0 to 16]}`` (an 8 x 8 image, row by row, as
 ``load_digits()`` has them) and gets ``{"label": int, "version": str}``. A body that is not JSON
-is refused by aioserve itself with 400; JSON that is not such an image gets 422 with a sentence
-saying what is wrong (``pixels[3] is 17: each pixel is a number from 0 (white) to 16 (black).``),
-never a 500.
+gets 400; JSON that is not such an image gets 422 with a sentence saying what is wrong
+(``pixels[3] is 17: each pixel is a number from 0 (white) to 16 (black).``), never a 500.
 
 Why :class:`Preprocessor` is ``async def`` and holds an async handle: its own work (checking and
 scaling 64 numbers) takes microseconds, so it can run on the event loop; what it mostly does is
@@ -88,7 +87,12 @@ class Preprocessor:
         self.model = instance.get_handle(model_endpoint, missing_ok=True)
 
     async def __call__(self, request: Request) -> dict[str, Any]:
-        body = await request.json()  # not JSON: aioserve answers 400
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            # Not JSON (aioserve would answer 400 itself), or JSON Python will not decode: an
+            # integer of more than 4,300 digits raises a plain ValueError.
+            raise HTTPException(400, f"The body is not valid JSON: {exc}") from exc
         try:
             image = scale(parse_pixels(body))
         except ValueError as exc:
