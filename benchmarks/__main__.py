@@ -22,6 +22,7 @@ BENCHMARKS = (
     ("router_overhead", "Router overhead: a 3-backend traffic split vs one backend"),
     ("batching", "Batching: the batch scheduler vs a simulated device's ceiling"),
     ("batching_model", "Batching a real model: POST /predict vs a bare Starlette route"),
+    ("digits_model", "The worked example's model and replicas of a numpy model, at 64 connections"),
 )
 
 

@@ -4,10 +4,12 @@
 [--quick]``
 
 Two servers run at once on uvicorn with the same settings (see :mod:`benchmarks.model_app`):
-aioserve serving ``examples/digits_batch.py`` (a sync ``@serve.batch`` method, up to 32 images
-per ``predict``, ``batch_wait_timeout_s=0.01`` as an upper bound) and a bare Starlette route
-calling the same model once per request in its threadpool. One ``predict`` of the 50-tree forest
-costs about the same for 1 image or 32, so batching is what lets throughput grow with load.
+aioserve serving the worked example ``examples/digits`` with one model version (its
+preprocessing backend calls the model through a handle; the model's sync ``@serve.batch`` method
+takes up to 32 images per ``predict``, ``batch_wait_timeout_s=0.01`` as an upper bound) and a
+bare Starlette route doing the same checks and scaling and calling the same model once per
+request in its threadpool. One ``predict`` of the 50-tree forest costs about the same for 1
+image or 32, so batching is what lets throughput grow with load.
 
 Each concurrency is loaded A B A B ...; the table shows medians and the ratio aioserve /
 Starlette. The mean batch is read from aioserve's own ``/-/metrics``
@@ -101,10 +103,11 @@ def model_cost(repeat: int = 30) -> ModelCost:
     """Time the example's model on 1 image and on a full batch, in this process."""
     from sklearn.datasets import load_digits
 
-    from examples.digits_batch import DigitsModel
+    from benchmarks.model_app import classifier
+    from examples.digits.model import MAX_PIXEL
 
-    model = DigitsModel().model
-    images = load_digits().data[:MAX_BATCH_SIZE]
+    model = classifier()
+    images = load_digits().data[:MAX_BATCH_SIZE] / MAX_PIXEL
 
     def median_ms(rows: int) -> float:
         times = []
@@ -141,35 +144,47 @@ def batch_totals(port: int) -> tuple[float, float]:
     return found.get("sum", 0.0), found.get("count", 0.0)
 
 
-def _load(server: ServerProcess, connections: int, options: Options) -> LoadResult:
+def post_load(
+    server: ServerProcess, path: str, connections: int, duration_s: float, tool: str | None
+) -> LoadResult:
+    """``POST path`` with :data:`BODY` for ``duration_s``; a failed result if the load failed."""
     try:
         return run_load(
-            server.url("/predict"),
+            server.url(path),
             connections=connections,
-            duration_s=options.duration_s,
+            duration_s=duration_s,
             threads=default_threads(connections),
             method="POST",
             body=BODY,
             headers=HEADERS,
-            tool=options.tool,
+            tool=tool,
         )
     except LoadError as exc:
         _progress(f"Load on {server!r} failed: {exc}")
-        return LoadResult.failed(resolve_load_tool(options.tool))
+        return LoadResult.failed(resolve_load_tool(tool))
 
 
-def _counted_load(
+def counted_post_load(
     server: ServerProcess,
+    path: str,
     connections: int,
-    options: Options,
+    duration_s: float,
+    tool: str | None,
     batches: list[tuple[float, float]],
 ) -> LoadResult:
-    """A load run on aioserve; appends the (items, batches) it dispatched meanwhile."""
+    """:func:`post_load` on aioserve; appends the (items, batches) the ``digits`` backend's
+    batch queue dispatched meanwhile."""
     before = batch_totals(server.port)
-    result = _load(server, connections, options)
+    result = post_load(server, path, connections, duration_s, tool)
     after = batch_totals(server.port)
     batches.append((after[0] - before[0], after[1] - before[1]))
     return result
+
+
+def mean_batch(batches: Sequence[tuple[float, float]]) -> float:
+    """Items per batch over the (items, batches) of several runs; NaN without a batch."""
+    count = sum(b for _, b in batches)
+    return sum(n for n, _ in batches) / count if count else math.nan
 
 
 def measure(options: Options) -> list[Row]:
@@ -188,27 +203,20 @@ def measure(options: Options) -> list[Row]:
         for connections in options.connections:
             _progress(f"POST /predict, {connections} connection(s): {options.rounds} x A B")
             batches: list[tuple[float, float]] = []
+            load = ("/predict", connections, options.duration_s, options.tool)
             results = alternate(
                 [
-                    (
-                        "starlette",
-                        functools.partial(_load, servers["starlette"], connections, options),
-                    ),
-                    (
-                        "aioserve",
-                        functools.partial(_counted_load, candidate, connections, options, batches),
-                    ),
+                    ("starlette", functools.partial(post_load, servers["starlette"], *load)),
+                    ("aioserve", functools.partial(counted_post_load, candidate, *load, batches)),
                 ],
                 options.rounds,
             )
-            items = sum(n for n, _ in batches)
-            count = sum(b for _, b in batches)
             rows.append(
                 Row(
                     connections,
                     median_result(results["starlette"]),
                     median_result(results["aioserve"]),
-                    items / count if count else math.nan,
+                    mean_batch(batches),
                 )
             )
     return rows
@@ -264,9 +272,10 @@ def render_report(rows: Sequence[Row], options: Options, cost: ModelCost) -> str
     ]
     caption = (
         "**A 50-tree random forest on the digits data behind `POST /predict`**: aioserve with a "
-        "sync `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)` method "
-        "(`examples/digits_batch.py`) vs a bare Starlette route calling the same model once per "
-        f"request in its threadpool. {describe_uvicorn(uvicorn_settings())}; load: "
+        "sync `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)` method behind the "
+        "example's preprocessing backend and a handle (`examples/digits`) vs a bare Starlette "
+        "route calling the same model once per request in its threadpool. "
+        f"{describe_uvicorn(uvicorn_settings())}; load: "
         f"{describe_load_tool(resolve_load_tool(options.tool))}; {options.duration_s:g} s per "
         f"run, medians of {options.rounds} alternating rounds."
     )

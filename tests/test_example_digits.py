@@ -1,63 +1,237 @@
-"""The worked example ``examples/digits_batch.py``: a scikit-learn model behind ``POST /predict``
-with a sync ``@serve.batch`` method, served in process (a small forest, so that it is quick)."""
+"""The worked example ``examples/digits``, run for real: its deployment behind uvicorn on
+127.0.0.1, the same deployment from its TOML file under ``aioserve run``, and its FastAPI app.
+
+The models are the example's own (20 and 30 trees): small enough to train in a fraction of a
+second. Answers are checked against the data set's labels, not against hard-coded ones.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from _processes import Running
+from _sample_backends import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits
 
 from aioserve import Serve
-from examples.digits_batch import setup
+from aioserve.deployment import load_deployment
+from examples.digits import client
+from examples.digits.deployment import TRAFFIC, setup
+from examples.digits.fastapi_app import create_app
 
 pytestmark = pytest.mark.usefixtures("no_loop_errors")
 
+TOML = "examples/digits/deployment.toml"
+V2_SHARE = TRAFFIC["digits-v2"]
 
-def _batch_totals(text: str) -> tuple[float, float]:
-    found = {}
+
+def known_images(n: int = 20) -> list[tuple[list[float], int]]:
+    """``n`` images the models were trained on (every fifth image is held out) and labels."""
+    digits = load_digits()
+    kept = [i for i in range(len(digits.target)) if i % 5 != 4][:n]
+    return [([float(p) for p in digits.data[i]], int(digits.target[i])) for i in kept]
+
+
+def accuracy(answers: list[dict[str, Any]], known: list[tuple[list[float], int]]) -> float:
+    """The share of ``answers`` whose label is the data set's label of the same image."""
+    correct = sum(a["label"] == label for a, (_, label) in zip(answers, known, strict=True))
+    return correct / len(known)
+
+
+def assert_share(count: int, n: int, p: float) -> None:
+    """``count`` of ``n`` draws is within 4.5 standard deviations of a binomial(n, p): a
+    correct split fails this about once in 150,000 runs."""
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(count - n * p) <= 4.5 * sd, f"{count} of {n} where about {n * p:.0f} were expected"
+
+
+def batch_totals(text: str) -> tuple[float, float]:
+    """(images, batches) of both model versions' ``predict`` queues, from ``/-/metrics``."""
+    images = batches = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels == {"backend": "digits", "method": "predict"} and sample.name in (
-                "aioserve_batch_size_sum",
-                "aioserve_batch_size_count",
-            ):
-                found[sample.name] = sample.value
-    return found["aioserve_batch_size_sum"], found["aioserve_batch_size_count"]
+            if sample.labels.get("method") != "predict":
+                continue
+            if sample.name == "aioserve_batch_size_sum":
+                images += sample.value
+            elif sample.name == "aioserve_batch_size_count":
+                batches += sample.value
+    return images, batches
 
 
-async def test_the_digits_example_labels_images_in_batches(
-    serve: Serve, http: httpx.AsyncClient
+async def predict_all(
+    http: httpx.AsyncClient, images: list[list[float]], path: str = "/predict"
+) -> list[dict[str, Any]]:
+    """POST the images, 32 at a time; their answers, in order (each must be a 200)."""
+    # Bounded: httpx's pool slows down more than linearly with hundreds of waiting requests.
+    in_flight = asyncio.Semaphore(32)
+
+    async def post(pixels: list[float]) -> httpx.Response:
+        async with in_flight:
+            return await http.post(path, json={"pixels": pixels})
+
+    responses = await asyncio.gather(*(post(p) for p in images))
+    assert [r.status_code for r in responses] == [200] * len(images), responses[0].text
+    return [r.json() for r in responses]
+
+
+@pytest.fixture
+async def digits_serve() -> AsyncIterator[Serve]:
+    """The example's deployment behind uvicorn on 127.0.0.1 (seeded traffic split)."""
+    async with Serve(http_options={"host": "127.0.0.1", "port": 0}, seed=0) as serve:
+        await setup(serve)
+        yield serve
+
+
+@pytest.fixture
+async def digits_http(digits_serve: Serve) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for ``digits_serve``."""
+    async with httpx.AsyncClient(base_url=str(digits_serve.url), timeout=30.0) as http:
+        yield http
+
+
+async def test_known_images_get_their_labels_from_shared_batches(
+    digits_http: httpx.AsyncClient,
 ) -> None:
-    await setup(serve, n_estimators=5)
-    digits = load_digits()
-    images = [[float(p) for p in row] for row in digits.data[:40]]
+    known = known_images(20)
+    answers = await predict_all(digits_http, [image for image, _ in known])
 
-    one = await http.post("/predict", json={"pixels": images[0]})
-    assert one.status_code == 200
-    assert one.json() == {"label": int(digits.target[0])}
-
-    answers = await asyncio.gather(*(http.post("/predict", json={"pixels": p}) for p in images))
-    labels = [r.json()["label"] for r in answers]
-    # The forest was trained on these very images: it knows nearly all of them.
-    assert sum(a == b for a, b in zip(labels, digits.target[:40], strict=True)) >= 36
-
-    metrics = await http.get("/-/metrics")
-    items, batches = _batch_totals(metrics.text)
-    assert items == 41
-    assert batches < 41  # concurrent requests shared batches
+    assert accuracy(answers, known) >= 0.9
+    assert {a["version"] for a in answers} <= {"v1", "v2"}
+    images, batches = batch_totals((await digits_http.get("/-/metrics")).text)
+    assert images == len(known)
+    assert batches < len(known)  # concurrent requests shared a predict
 
 
-@pytest.mark.parametrize(
-    "body",
-    [{"pixels": [1.0] * 63}, {"pixels": ["x"] * 64}, {"image": [0] * 64}, [0] * 64],
-)
-async def test_the_digits_example_refuses_a_malformed_image(
-    serve: Serve, http: httpx.AsyncClient, body: object
+async def test_a_tenth_of_the_requests_go_to_v2(digits_serve: Serve) -> None:
+    n = 300
+    image, label = known_images(1)[0]
+    # From 16 threads with the example's blocking client: the server's loop is this test's, and
+    # an async client on it would cost the server more time than the requests themselves.
+    answers = await asyncio.to_thread(post_from_threads, str(digits_serve.url), [image] * n)
+
+    versions = Counter(a["version"] for a in answers)
+    assert set(versions) == {"v1", "v2"}
+    assert_share(versions["v2"], n, V2_SHARE)
+    assert {a["label"] for a in answers} == {label}
+
+
+def post_from_threads(url: str, images: list[list[float]]) -> list[dict[str, Any]]:
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(lambda pixels: client.classify(url, pixels), images))
+
+
+BAD_BODIES: list[tuple[bytes, int, str]] = [
+    (b"not json", 400, "not valid JSON"),
+    (b'{"pixels": [' + b"1" * 5000 + b"]}", 400, "not valid JSON: Exceeds the limit"),
+    (b'{"image": [0]}', 422, "no 'pixels' key"),
+    (b"[0, 1, 2]", 422, "must be a JSON object"),
+    (b'{"pixels": [1, 2, 3]}', 422, "got 3 values"),
+    (b'{"pixels": "0123"}', 422, "got a string"),
+    (b'{"pixels": [' + b"0, " * 63 + b'"x"]}', 422, "pixels[63] is 'x'"),
+    (b'{"pixels": [' + b"0, " * 63 + b"true]}", 422, "pixels[63] is True"),
+    (b'{"pixels": [17' + b", 0" * 63 + b"]}", 422, "pixels[0] is 17: each pixel is a number"),
+    (b'{"pixels": [NaN' + b", 0" * 63 + b"]}", 422, "pixels[0] is nan"),
+]
+
+
+async def test_a_malformed_image_is_the_clients_error(digits_http: httpx.AsyncClient) -> None:
+    for body, status, message in BAD_BODIES:
+        response = await digits_http.post("/predict", content=body)
+        assert (response.status_code, body) == (status, body), response.text
+        assert message in response.text, (body, response.text)
+    # and the deployment still answers
+    image, label = known_images(1)[0]
+    assert (await digits_http.post("/predict", json={"pixels": image})).json()["label"] == label
+
+
+async def test_the_client_reports_accuracy_split_and_mean_batch(
+    digits_http: httpx.AsyncClient,
 ) -> None:
-    await setup(serve, n_estimators=1)
-    response = await http.post("/predict", json=body)
-    assert response.status_code == 400
-    assert "64 numbers" in response.json()["error"]
+    # The client is blocking (urllib and threads): run it off the loop that serves it.
+    report = await asyncio.to_thread(client.run, str(digits_http.base_url), 100, 16)
+
+    found = re.search(r"correct: (\d+) of 100", report)
+    assert found is not None, report
+    assert int(found.group(1)) >= 90  # images it never saw: about 97 % in practice
+    assert re.search(r"answered by: v1 \d+ \(.*\), v2 \d+", report), report
+    assert re.search(r"mean batch: digits-v1 \d+\.\d images per predict", report), report
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_with_lifespan(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn (lifespan on, as ``uvicorn module:app`` runs it) on 127.0.0.1
+    and a free port; yield its URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or task.done(), "uvicorn started")
+    if not server.started:
+        await task  # raises what went wrong at startup
+        raise AssertionError("uvicorn stopped before it was ready")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_the_fastapi_app_serves_the_mount_and_its_own_typed_route() -> None:
+    known = known_images(20)
+    async with (
+        uvicorn_with_lifespan(create_app()) as url,
+        httpx.AsyncClient(base_url=url, timeout=30.0) as http,
+    ):
+        mounted = await predict_all(http, [image for image, _ in known], "/models/predict")
+        typed = await predict_all(http, [image for image, _ in known], "/classify")
+        bad_mounted = await http.post("/models/predict", json={"pixels": [1, 2]})
+        bad_typed = await http.post("/classify", json={"pixels": [1, 2]})
+        schema = (await http.get("/openapi.json")).json()
+
+    for answers in (mounted, typed):
+        assert accuracy(answers, known) >= 0.9
+        assert {a["version"] for a in answers} <= {"v1", "v2"}
+    assert bad_mounted.status_code == 422
+    assert "got 2 values" in bad_mounted.text
+    assert bad_typed.status_code == 422
+    assert bad_typed.json()["detail"][0]["loc"] == ["body", "pixels"]  # FastAPI's own error
+    assert "/classify" in schema["paths"]
+
+
+async def test_the_toml_file_declares_what_setup_builds() -> None:
+    deployment = load_deployment(TOML)
+    options = {"location": "NoServer"}
+    async with Serve(http_options=options) as from_toml, Serve(http_options=options) as from_code:
+        await deployment.state.apply(from_toml)
+        await setup(from_code)
+        assert from_toml.list_endpoints() == from_code.list_endpoints()
+        assert from_toml.list_backends() == from_code.list_backends()
+        assert from_toml.list_endpoints()["digits-model"]["traffic"] == TRAFFIC
+
+
+async def test_aioserve_run_serves_the_toml_deployment(run: Callable[..., Running]) -> None:
+    server = run(TOML, "--port", "0")
+    url = server.url()
+    known = known_images(20)
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
+        routes = (await http.get("/-/routes")).json()
+        answers = await predict_all(http, [image for image, _ in known])
+        bad = await http.post("/predict", json={"pixels": [1, 2]})
+
+    assert routes["/predict"] == ["predict", ["POST"]]
+    assert accuracy(answers, known) >= 0.9
+    assert {a["version"] for a in answers} <= {"v1", "v2"}
+    assert bad.status_code == 422
+    assert "got 2 values" in bad.text

@@ -1,0 +1,64 @@
+"""The digits deployment inside a FastAPI app: ``uvicorn examples.digits.fastapi_app:app``.
+
+The app has no aioserve server of its own: its ``Serve`` is made with ``location="NoServer"``,
+entered in the FastAPI lifespan (which builds the deployment of
+:mod:`examples.digits.deployment`) and mounted, so the host app's server drives both:
+
+- ``POST /models/predict``: aioserve's own endpoint under the mount (routes are relative to it),
+  as ``aioserve run`` serves it; ``/models/-/metrics`` and the other system routes too.
+- ``POST /classify``: a FastAPI route with a typed body (pydantic checks it: 422 with FastAPI's
+  error list, and a schema in ``/docs``) that calls the model versions through a handle, with the
+  same traffic split and batching as the preprocessor's calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+import aioserve
+from examples.digits.deployment import setup
+from examples.digits.model import MAX_PIXEL
+from examples.digits.preprocess import MODEL_ENDPOINT, NUM_PIXELS, scale
+
+Pixel = Annotated[float, Field(ge=0, le=MAX_PIXEL)]
+
+
+class Image(BaseModel):
+    """An 8 x 8 image, row by row: 64 pixels from 0 (white) to 16 (black)."""
+
+    pixels: list[Pixel] = Field(min_length=NUM_PIXELS, max_length=NUM_PIXELS)
+
+
+class Prediction(BaseModel):
+    label: int
+    version: str
+
+
+def create_app() -> FastAPI:
+    """A FastAPI app with its own aioserve instance (one per app)."""
+    digits = aioserve.Serve(http_options={"location": "NoServer"})
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with digits:  # stops the instance, draining its requests, when the server stops
+            await setup(digits)
+            yield
+
+    app = FastAPI(title="digits", lifespan=lifespan)
+    app.mount("/models", digits.asgi_app)
+
+    @app.post("/classify")
+    async def classify(image: Image) -> Prediction:
+        """Label one image with the model versions behind the ``digits-model`` endpoint."""
+        answer = await digits.get_handle(MODEL_ENDPOINT).remote(scale(image.pixels))
+        return Prediction(**answer)
+
+    return app
+
+
+app = create_app()
