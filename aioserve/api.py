@@ -22,6 +22,7 @@ from .config import HTTPOptions
 from .context import current_replica
 from .exceptions import ConfigError, ConfigTypeError, ServeError
 from .policy import RoutePolicy
+from .serve import Serve
 
 __all__ = [
     "backend_statistics",
@@ -155,6 +156,9 @@ def connect() -> Client:
             for client in _clients:
                 if client.serve is ctx.instance:
                     return client
+            if isinstance(ctx.instance, Serve):
+                # An instance run as the core (async with Serve, aioserve run): its own.
+                return Client.attach(ctx.instance)
         for client in reversed(_clients):
             if client.running:
                 return client

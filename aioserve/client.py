@@ -37,26 +37,16 @@ Kwargs = dict[str, Any]
 LegacyForm = Callable[[Args, Kwargs], tuple[Args, Kwargs]]
 
 
-class _LoopThread:
-    """A daemon thread running one event loop until stopped."""
+class _Loop:
+    """An event loop running on one thread, driven from the others."""
 
-    def __init__(self, name: str) -> None:
-        self.loop = new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
+    loop: asyncio.AbstractEventLoop
+    _ident: int | None
 
     @property
     def is_current(self) -> bool:
         """Whether the calling thread is this loop's thread."""
-        return threading.get_ident() == self._thread.ident
+        return threading.get_ident() == self._ident
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and block until it is done."""
@@ -79,6 +69,35 @@ class _LoopThread:
             return fn()
 
         return self.run(call())
+
+    def stop(self) -> None:
+        """Stop the loop, if this object owns it."""
+
+
+class _AttachedLoop(_Loop):
+    """The loop of an instance someone else runs (``async with Serve``, ``aioserve run``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ident: int | None) -> None:
+        self.loop = loop
+        self._ident = ident
+
+
+class _LoopThread(_Loop):
+    """A daemon thread running one event loop until stopped."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._ident = self._thread.ident
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
 
     def stop(self) -> None:
         """Stop the loop and wait for the thread to end."""
@@ -267,7 +286,7 @@ class Client:
     ``get_handle`` returns a sync handle unless ``sync=False``.
     """
 
-    def __init__(self, serve: Serve, loop_thread: _LoopThread, *, detached: bool = False) -> None:
+    def __init__(self, serve: Serve, loop_thread: _Loop, *, detached: bool = False) -> None:
         self._serve = serve
         self._thread = loop_thread
         self.detached = detached
@@ -297,6 +316,13 @@ class Client:
             thread.stop()
             raise
         return cls(serve, thread, detached=detached)
+
+    @classmethod
+    def attach(cls, serve: Serve) -> Client:
+        """A client of an instance already running on its own loop (``async with Serve``,
+        ``aioserve run``, a FastAPI lifespan): its methods block until the work is done there.
+        What ``serve.connect()`` returns inside a backend of such an instance."""
+        return cls(serve, _AttachedLoop(serve.loop, serve.loop_thread))
 
     def __repr__(self) -> str:
         return f"<Client {self._serve!r}{' detached' if self.detached else ''}>"

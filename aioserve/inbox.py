@@ -62,9 +62,30 @@ class ServeRequest(Request):
         """The whole body as bytes, or decoded as UTF-8 text with ``as_text=True``."""
         return self.data.decode("utf-8") if as_text else self.data
 
+    async def json(self) -> Any:
+        """The body parsed as JSON; a body Python cannot decode is ``json.JSONDecodeError``
+        (HTTP 400), whatever the reason (see :func:`loads_json`)."""
+        if not hasattr(self, "_json"):
+            self._json = loads_json(await self.body())
+        return self._json
+
     def get_json(self) -> Any:
         """The body parsed as JSON (``json.JSONDecodeError`` -> HTTP 400)."""
-        return json.loads(self.data)
+        return loads_json(self.data)
+
+
+def loads_json(data: bytes | str) -> Any:
+    """``json.loads``, with every way a client's body can fail to decode as
+    ``json.JSONDecodeError`` (the client's error, HTTP 400): besides invalid JSON, an integer of
+    more digits than Python converts (``ValueError``) and nesting deeper than the recursion limit
+    (``RecursionError``). Never a 500 for something a client sent."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise json.JSONDecodeError(f"The JSON body cannot be decoded: {reason}", "", 0) from None
 
 
 class Inbox:

@@ -155,6 +155,11 @@ class Serve:
         return self._loop
 
     @property
+    def loop_thread(self) -> int | None:
+        """The ident of the thread its loop runs on (set by start)."""
+        return self._loop_thread
+
+    @property
     def router(self) -> Router:
         """The router (endpoint table and traffic)."""
         return self._router

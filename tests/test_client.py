@@ -442,3 +442,33 @@ def test_bind_failure_raises_at_start_and_leaves_no_instance(start: Start) -> No
             serve.start(http_options=taken)
         assert serve.connect() is running
         assert loop_threads() == threads_before + 1
+
+
+class _ComposesThroughTheModuleAPI:
+    """A backend that reaches its own instance through ``serve.get_handle``, as 1.x code does."""
+
+    def __init__(self) -> None:
+        self.inner_async = serve.get_handle("inner", sync=False)
+        self.inner_sync = serve.get_handle("inner")
+        self.backends = sorted(serve.list_backends())  # a blocking call, from the replica thread
+
+    async def __call__(self, x: int) -> list[Any]:
+        return [await self.inner_async.remote(x), await self.inner_sync.remote(x), self.backends]
+
+
+def test_the_module_api_inside_a_backend_of_an_instance_run_as_the_core(
+    no_instance_left: None,
+) -> None:
+    async def main() -> list[Any]:
+        async with serve.Serve(http_options={"location": "NoServer"}) as instance:
+            await instance.create_backend("inner", lambda x: x * 2)
+            await instance.create_endpoint("inner", backend="inner")
+            await instance.create_backend("outer", _ComposesThroughTheModuleAPI)
+            await instance.create_endpoint("outer", backend="outer")
+            result: list[Any] = await instance.get_handle("outer").remote(4)
+            with pytest.raises(serve.ServeError, match="No aioserve instance is running"):
+                serve.connect()  # outside its backends, no instance is current
+            return result
+
+    # The constructor runs before the backend is registered: it sees only "inner".
+    assert asyncio.run(main()) == [8, 8, ["inner"]]

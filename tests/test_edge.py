@@ -215,6 +215,13 @@ async def test_client_mistakes_are_4xx_and_error_bodies_are_clean(edge: Serve) -
         bad = await client.post("/parse", content=b"{not json")
         assert bad.status_code == 400
         assert "cannot be decoded" in bad.text
+        # JSON that Python will not decode is the client's mistake too, not a 500.
+        huge = await client.post("/parse", content=b'{"n": ' + b"1" * 5000 + b"}")
+        assert huge.status_code == 400
+        assert "digits" in huge.text
+        deep = await client.post("/parse", content=b"[" * 200_000 + b"]" * 200_000)
+        assert deep.status_code == 400
+        assert "nested too deeply" in deep.text
         teapot = await client.post("/parse", json={"teapot": True})
         assert (teapot.status_code, teapot.text) == (418, "short and stout")
         boom = await client.post("/parse", json={"boom": True})
@@ -327,6 +334,8 @@ async def test_a_sync_handler_reads_json_and_text_the_flask_way(edge: Serve) -> 
         assert r.json() == {"text": "héllo", "bytes": 6}
         bad = await client.post("/predict", content=b"{nope")
         assert bad.status_code == 400
+        huge = await client.post("/predict", content=b"1" * 5000)
+        assert huge.status_code == 400
         too_big = await client.post("/predict", content=bytes(2 * 1024 * 1024))
         assert too_big.status_code == 413
     # On the replica's thread, never the event loop's.

@@ -80,19 +80,13 @@ class Preprocessor:
     def __init__(self, model_endpoint: str = MODEL_ENDPOINT) -> None:
         # The handle goes to the endpoint, not to a backend: each call takes the endpoint's
         # traffic split (90 % v1, 10 % v2). missing_ok: the endpoint may be created after this
-        # backend (a TOML deployment creates every backend first); calls wait for it.
-        # get_replica_context().instance is the Serve this replica runs in, however it was
-        # started (a script, `aioserve run`, a FastAPI lifespan).
-        instance = serve.get_replica_context().instance
-        self.model = instance.get_handle(model_endpoint, missing_ok=True)
+        # backend (a TOML deployment creates every backend first); calls wait for it. Inside a
+        # backend, serve.get_handle() reaches the instance the replica runs in, however it was
+        # started (a script, `aioserve run`, a FastAPI lifespan); sync=False: an async handle.
+        self.model = serve.get_handle(model_endpoint, missing_ok=True, sync=False)
 
     async def __call__(self, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            # Not JSON (aioserve would answer 400 itself), or JSON Python will not decode: an
-            # integer of more than 4,300 digits raises a plain ValueError.
-            raise HTTPException(400, f"The body is not valid JSON: {exc}") from exc
+        body = await request.json()  # a body that is not JSON: aioserve answers 400
         try:
             image = scale(parse_pixels(body))
         except ValueError as exc:
