@@ -235,3 +235,22 @@ async def test_aioserve_run_serves_the_toml_deployment(run: Callable[..., Runnin
     assert {a["version"] for a in answers} <= {"v1", "v2"}
     assert bad.status_code == 422
     assert "got 2 values" in bad.text
+
+
+async def test_the_typed_api_checks_documents_and_answers(digits_http: httpx.AsyncClient) -> None:
+    known = known_images(10)
+    answers = await predict_all(digits_http, [image for image, _ in known], path="/api/predict")
+    assert accuracy(answers, known) >= 0.9
+    assert {a["version"] for a in answers} <= {"v1", "v2"}
+
+    bad = await digits_http.post("/api/predict", json={"pixels": [0] * 63 + [17]})
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["body", "pixels", 63]
+    short = await digits_http.post("/api/predict", json={"pixels": [1, 2, 3]})
+    assert short.status_code == 422
+
+    schema = (await digits_http.get("/api/openapi.json")).json()
+    assert schema["info"]["title"] == "digits"
+    image = schema["components"]["schemas"]["Image"]["properties"]["pixels"]
+    assert (image["minItems"], image["maxItems"]) == (64, 64)
+    assert "/api/openapi.json" in (await digits_http.get("/api/docs")).text

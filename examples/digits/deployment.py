@@ -1,8 +1,10 @@
 """The digits deployment: ``aioserve run examples.digits.deployment:setup`` (from the repository
 root; ``examples/digits/deployment.toml`` declares the same thing).
 
-Three backends and two endpoints::
+Four backends and three endpoints::
 
+    POST /api/predict, GET /api/docs ──> endpoint "api" ──> backend "api" (DigitsAPI, FastAPI)
+                                                              │ await handle.remote(image)
     POST /predict ──> endpoint "predict" ──> backend "preprocess" (Preprocessor)
                                                 │ await handle.remote(image)
                                                 v
@@ -19,6 +21,7 @@ from __future__ import annotations
 from aioserve import Serve
 from examples.digits.model import DigitsModel
 from examples.digits.preprocess import MODEL_ENDPOINT, Preprocessor
+from examples.digits.typed_api import DigitsAPI
 
 TRAFFIC = {"digits-v1": 0.9, "digits-v2": 0.1}
 
@@ -31,3 +34,6 @@ async def setup(serve: Serve) -> None:
     await serve.set_traffic(MODEL_ENDPOINT, TRAFFIC)
     await serve.create_backend("preprocess", Preprocessor, MODEL_ENDPOINT)
     await serve.create_endpoint("predict", backend="preprocess", route="/predict", methods=["POST"])
+    # The same model behind a typed FastAPI app (@serve.ingress): every path under /api.
+    await serve.create_backend("api", DigitsAPI, MODEL_ENDPOINT)
+    await serve.create_endpoint("api", backend="api", route="/api")

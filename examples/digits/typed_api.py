@@ -1,0 +1,50 @@
+"""The digits model behind a typed API: a FastAPI app served by a class backend (``@serve.ingress``).
+
+``POST /api/predict`` takes the same body as ``POST /predict``, but FastAPI checks it against
+:class:`Image` (64 numbers from 0 to 16; anything else is FastAPI's 422 with the list of what is
+wrong) and documents it: ``GET /api/docs`` is the interactive page, ``GET /api/openapi.json`` the
+schema. The endpoint's route (``/api``) is the app's prefix.
+
+:class:`DigitsAPI` is a backend like any other: its replicas take requests through the same
+traffic split, limits and metrics, and ``self`` in a route is the instance of the replica serving
+the request. It reaches the model versions through the same handle as
+:class:`~examples.digits.preprocess.Preprocessor`, so both front doors share the model's batches.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+import aioserve as serve
+from examples.digits.model import MAX_PIXEL
+from examples.digits.preprocess import MODEL_ENDPOINT, NUM_PIXELS, scale
+
+app = FastAPI(title="digits", description="A random forest classifying 8 x 8 handwritten digits.")
+
+Pixel = Annotated[float, Field(ge=0, le=MAX_PIXEL)]
+
+
+class Image(BaseModel):
+    """One 8 x 8 image, row by row: 0 is white, 16 is black."""
+
+    pixels: list[Pixel] = Field(min_length=NUM_PIXELS, max_length=NUM_PIXELS)
+
+
+class Prediction(BaseModel):
+    label: int
+    version: str
+
+
+@serve.ingress(app)
+class DigitsAPI:
+    def __init__(self, model_endpoint: str = MODEL_ENDPOINT) -> None:
+        self.model = serve.get_handle(model_endpoint, missing_ok=True, sync=False)
+
+    @app.post("/predict")
+    async def predict(self, image: Image) -> Prediction:
+        """The digit an image shows, and the model version that said so."""
+        result: dict[str, Any] = await self.model.remote(scale(image.pixels))
+        return Prediction(**result)
