@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -304,6 +305,46 @@ def server_argparser(prog: str, description: str) -> argparse.ArgumentParser:
         "--server", choices=SERVERS, default="uvicorn", help="HTTP server (default uvicorn)"
     )
     return parser
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """How long a load benchmark runs: the defaults, and the shorter ``--quick`` smoke test."""
+
+    duration_s: float = 5.0
+    rounds: int = 2
+    quick_duration_s: float = 1.0
+    quick_rounds: int = 1
+
+
+def add_run_options(parser: argparse.ArgumentParser, length: RunLength) -> None:
+    """``--duration``, ``--rounds``, ``--tool`` and ``--quick``, shared by the load benchmarks."""
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds per run (default {length.duration_s:g}, "
+        f"{length.quick_duration_s:g} with --quick)",
+    )
+    parser.add_argument("--rounds", type=int, help=f"alternating rounds (default {length.rounds})")
+    parser.add_argument("--tool", choices=["wrk", "asyncio"], help="load generator")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: {length.quick_duration_s:g} s, {length.quick_rounds} round(s)",
+    )
+
+
+def run_length(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, length: RunLength
+) -> tuple[float, int]:
+    """(seconds per run, rounds) from the options of :func:`add_run_options`, checked."""
+    duration = args.duration or (length.quick_duration_s if args.quick else length.duration_s)
+    rounds = args.rounds or (length.quick_rounds if args.quick else length.rounds)
+    if not math.isfinite(duration) or duration <= 0:
+        parser.error(f"--duration must be a positive number of seconds, got {duration!r}.")
+    if rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {rounds!r}.")
+    return duration, rounds
 
 
 def server_argv(module: str, port: int, settings: Mapping[str, str]) -> list[str]:

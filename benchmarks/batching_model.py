@@ -33,7 +33,9 @@ from benchmarks._harness import (
     LOCAL_HOST,
     LoadError,
     LoadResult,
+    RunLength,
     ServerProcess,
+    add_run_options,
     alternate,
     default_threads,
     describe_load_tool,
@@ -44,6 +46,7 @@ from benchmarks._harness import (
     median_result,
     ratio,
     resolve_load_tool,
+    run_length,
     run_load,
     server_argv,
     uvicorn_settings,
@@ -51,10 +54,7 @@ from benchmarks._harness import (
 )
 
 MODULE = "benchmarks.model_app"
-DEFAULT_DURATION_S = 5.0
-DEFAULT_ROUNDS = 2
-QUICK_DURATION_S = 1.0
-QUICK_ROUNDS = 1
+LENGTH = RunLength(duration_s=5.0, rounds=2, quick_duration_s=1.0, quick_rounds=1)
 DEFAULT_CONNECTIONS = (1, 64)
 # An image of a 0 from the digits data set.
 BODY = (
@@ -310,30 +310,18 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         description="A scikit-learn model behind POST /predict: aioserve with a sync "
         "@serve.batch method vs a bare Starlette route, in one run.",
     )
-    parser.add_argument(
-        "--duration",
-        type=float,
-        help=f"seconds per run (default {DEFAULT_DURATION_S:g}, {QUICK_DURATION_S:g} with --quick)",
-    )
-    parser.add_argument("--rounds", type=int, help=f"alternating rounds (default {DEFAULT_ROUNDS})")
+    add_run_options(parser, LENGTH)
     parser.add_argument(
         "--connections",
         type=_connections,
         default=DEFAULT_CONNECTIONS,
         help="concurrencies, comma-separated (default 1,64)",
     )
-    parser.add_argument("--tool", choices=["wrk", "asyncio"], help="load generator")
     parser.add_argument(
         "--check", action="store_true", help="exit with 1 when a target of the issue is missed"
     )
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 s, 1 round")
     args = parser.parse_args(argv)
-    duration = args.duration or (QUICK_DURATION_S if args.quick else DEFAULT_DURATION_S)
-    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
-    if not math.isfinite(duration) or duration <= 0:
-        parser.error(f"--duration must be a positive number of seconds, got {duration!r}.")
-    if rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {rounds!r}.")
+    duration, rounds = run_length(parser, args, LENGTH)
     return Options(duration, rounds, args.connections, args.check, args.tool)
 
 

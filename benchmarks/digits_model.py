@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 from benchmarks._harness import (
     LoadResult,
+    RunLength,
     ServerProcess,
+    add_run_options,
     alternate,
     describe_load_tool,
     describe_uvicorn,
@@ -43,6 +45,7 @@ from benchmarks._harness import (
     median_result,
     ratio,
     resolve_load_tool,
+    run_length,
     server_argv,
     uvicorn_settings,
     warm_up,
@@ -56,10 +59,7 @@ from benchmarks.batching_model import (
 )
 
 MODULE = "benchmarks.model_app"
-DEFAULT_DURATION_S = 5.0
-DEFAULT_ROUNDS = 2
-QUICK_DURATION_S = 1.0
-QUICK_ROUNDS = 1
+LENGTH = RunLength(duration_s=5.0, rounds=2, quick_duration_s=1.0, quick_rounds=1)
 DEFAULT_CONNECTIONS = 64
 
 
@@ -212,27 +212,15 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         description="The worked example's model unbatched and batched vs a bare Starlette "
         "route, and 1 vs 2 sync replicas of a numpy model, over HTTP in one run.",
     )
-    parser.add_argument(
-        "--duration",
-        type=float,
-        help=f"seconds per run (default {DEFAULT_DURATION_S:g}, {QUICK_DURATION_S:g} with --quick)",
-    )
-    parser.add_argument("--rounds", type=int, help=f"alternating rounds (default {DEFAULT_ROUNDS})")
+    add_run_options(parser, LENGTH)
     parser.add_argument(
         "--connections",
         type=int,
         default=DEFAULT_CONNECTIONS,
         help=f"concurrent connections (default {DEFAULT_CONNECTIONS})",
     )
-    parser.add_argument("--tool", choices=["wrk", "asyncio"], help="load generator")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 s, 1 round")
     args = parser.parse_args(argv)
-    duration = args.duration or (QUICK_DURATION_S if args.quick else DEFAULT_DURATION_S)
-    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
-    if not math.isfinite(duration) or duration <= 0:
-        parser.error(f"--duration must be a positive number of seconds, got {duration!r}.")
-    if rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {rounds!r}.")
+    duration, rounds = run_length(parser, args, LENGTH)
     if args.connections < 1:
         parser.error(f"--connections must be at least 1, got {args.connections!r}.")
     return Options(duration, rounds, args.connections, args.tool)

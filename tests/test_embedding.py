@@ -7,15 +7,13 @@ ASGITransport, which does not run lifespan, so they enter ``async with s`` thems
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from _sample_backends import wait_until
+from _servers import run_uvicorn
 from fastapi import FastAPI
 from fastapi import HTTPException as FastAPIHTTPException
 from starlette.applications import Starlette
@@ -26,26 +24,6 @@ from starlette.routing import Mount, Route
 import aioserve
 
 pytestmark = pytest.mark.usefixtures("no_loop_errors")
-
-
-@contextlib.asynccontextmanager
-async def run_uvicorn(app: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn (lifespan on) on 127.0.0.1 and a free port; yield its URL."""
-    # port=0: the kernel picks a free port at bind time, so no other process can take it first.
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    # ``started`` is set once the lifespan startup has run and the socket listens.
-    await wait_until(lambda: server.started or task.done(), "uvicorn started")
-    if not server.started:
-        await task  # raises what went wrong at startup, if anything did
-        raise AssertionError("uvicorn stopped before it was ready")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 def echo(request: Request) -> dict[str, Any]:

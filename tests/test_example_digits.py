@@ -8,7 +8,6 @@ second. Answers are checked against the data set's labels, not against hard-code
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import re
 from collections import Counter
@@ -18,9 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from _processes import Running
-from _sample_backends import wait_until
+from _servers import run_uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits
 
@@ -169,29 +167,10 @@ async def test_the_client_reports_accuracy_split_and_mean_batch(
     assert re.search(r"mean batch: digits-v1 \d+\.\d images per predict", report), report
 
 
-@contextlib.asynccontextmanager
-async def uvicorn_with_lifespan(app: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn (lifespan on, as ``uvicorn module:app`` runs it) on 127.0.0.1
-    and a free port; yield its URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started or task.done(), "uvicorn started")
-    if not server.started:
-        await task  # raises what went wrong at startup
-        raise AssertionError("uvicorn stopped before it was ready")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
 async def test_the_fastapi_app_serves_the_mount_and_its_own_typed_route() -> None:
     known = known_images(20)
     async with (
-        uvicorn_with_lifespan(create_app()) as url,
+        run_uvicorn(create_app()) as url,
         httpx.AsyncClient(base_url=url, timeout=30.0) as http,
     ):
         mounted = await predict_all(http, [image for image, _ in known], "/models/predict")

@@ -15,28 +15,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
 
 import aioserve
 from examples.digits.deployment import setup
-from examples.digits.model import MAX_PIXEL
-from examples.digits.preprocess import MODEL_ENDPOINT, NUM_PIXELS, scale
-
-Pixel = Annotated[float, Field(ge=0, le=MAX_PIXEL)]
-
-
-class Image(BaseModel):
-    """An 8 x 8 image, row by row: 64 pixels from 0 (white) to 16 (black)."""
-
-    pixels: list[Pixel] = Field(min_length=NUM_PIXELS, max_length=NUM_PIXELS)
-
-
-class Prediction(BaseModel):
-    label: int
-    version: str
+from examples.digits.preprocess import MODEL_ENDPOINT, scale
+from examples.digits.typed_api import Image, Prediction
 
 
 def create_app() -> FastAPI:

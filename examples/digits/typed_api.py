@@ -1,4 +1,4 @@
-"""The digits model behind a typed API: a FastAPI app served by a class backend (``@serve.ingress``).
+"""The digits model behind a typed API: a FastAPI app served by a class backend (ingress).
 
 ``POST /api/predict`` takes the same body as ``POST /predict``, but FastAPI checks it against
 :class:`Image` (64 numbers from 0 to 16; anything else is FastAPI's 422 with the list of what is
@@ -28,7 +28,7 @@ Pixel = Annotated[float, Field(ge=0, le=MAX_PIXEL)]
 
 
 class Image(BaseModel):
-    """One 8 x 8 image, row by row: 0 is white, 16 is black."""
+    """An 8 x 8 image, row by row: 64 pixels from 0 (white) to 16 (black)."""
 
     pixels: list[Pixel] = Field(min_length=NUM_PIXELS, max_length=NUM_PIXELS)
 
