@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -35,12 +36,15 @@ from .cli import (
     _Target,
     _traceback,
 )
+from .clisummary import log_drain, startup_summary, summary_claimed, summary_marker
 from .config import HTTPOptions, ServerName
 from .exceptions import ConfigError
 from .serve import Serve
 from .servers import BACKLOG, GuardedProtocol, load_granian, uvicorn_limits
 
 __all__ = ["check_server", "check_workers", "run_workers"]
+
+logger = logging.getLogger("aioserve.cli")
 
 
 class _ReadyWatcher:
@@ -143,20 +147,37 @@ class _WorkerApp:
                 return
 
     async def _start(self) -> Serve:
-        target = _Target.load(self._settings["target"])
-        serve = target.make_serve(None, None, self._settings["limits"])
+        settings = self._settings
+        target = _Target.load(settings["target"])
+        serve = target.make_serve(
+            None,
+            None,
+            settings["limits"],
+            access_log=settings["access_log"],
+            debug=settings["debug"],
+        )
         try:
             await _start_and_populate(target, serve)
         except BaseException:
             await serve.aclose()
             raise
-        _drain_on_signals(serve)
+        _drain_on_signals(serve, settings["timeout_graceful_shutdown"])
+        if summary_claimed(summary_marker(settings["token"])):
+            summary = startup_summary(
+                serve,
+                url=settings["url"],
+                server=settings["server"],
+                pid=os.getpid(),
+                workers=settings["workers"],
+                root_path=target.root_path,
+            )
+            logger.info("%s", summary)
         return serve
 
 
-def _drain_on_signals(serve: Serve) -> None:
-    """In a worker: on SIGINT/SIGTERM stop admitting at once (503, not ready), then let
-    uvicorn's own handler shut the server down, which waits for the requests in flight."""
+def _drain_on_signals(serve: Serve, timeout_s: float) -> None:
+    """In a worker: on SIGINT/SIGTERM stop admitting at once (503, not ready) and log how many
+    requests drain, then let the server's own handler shut it down, which waits for them."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous = signal.getsignal(sig)
@@ -166,7 +187,7 @@ def _drain_on_signals(serve: Serve) -> None:
         def handler(
             signum: int, frame: Any, previous: Callable[[int, Any], Any] = previous
         ) -> None:
-            loop.call_soon_threadsafe(serve.begin_shutdown)
+            loop.call_soon_threadsafe(log_drain, serve, timeout_s)
             previous(signum, frame)
 
         signal.signal(sig, handler)
@@ -215,6 +236,12 @@ def run_workers(
         "log_level": args.log_level,
         "notify_port": watcher.port,
         "token": watcher.token,
+        "url": watcher._url,
+        "server": server,
+        "workers": args.workers,
+        "access_log": args.access_log,
+        "debug": args.debug,
+        "timeout_graceful_shutdown": args.timeout_graceful_shutdown,
         # uvicorn adds root_path to the path itself; with granian the worker app does.
         "root_path": target.root_path if server == "granian" else "",
     }
@@ -243,6 +270,7 @@ def run_workers(
     finally:
         watcher.close()
         os.environ.pop(_WORKER_ENV, None)
+        summary_marker(watcher.token).unlink(missing_ok=True)
     return watcher.exit_code
 
 

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from ._concurrency import TaskOwner, current_task
 from ._types import Call, Lifecycle, Message, Receive, Scope, Send, new_request_id
+from .accesslog import serve_logged
 from .calloptions import check_slo, deadline_from
 from .config import HTTPOptions
 from .context import call_var
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["HTTPApp"]
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("aioserve.access")
 
 # A request still running after a full sweep interval (50-100 ms) starts watching for its client
 # going away (a queued one starts at once); quick requests pay for no task and no timer.
@@ -143,7 +143,10 @@ class HTTPApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            if self.access_log:
+                await serve_logged(self._http, scope, receive, send)
+            else:
+                await self._http(scope, receive, send)
         elif kind == "lifespan":
             # The instance's lifecycle is driven by ``async with Serve``; acknowledge only.
             while True:
@@ -253,10 +256,6 @@ class HTTPApp:
             else:
                 response.raw_headers.append(header)
             await response(scope, receive, send)
-            if self.access_log:
-                access_logger.info(
-                    '%s "%s %s" %d', request_id, scope["method"], path, response.status_code
-                )
         finally:
             call_var.reset(token)
 

@@ -214,7 +214,7 @@ def _fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         ("no_such_module_xyz:setup", "Cannot load 'no_such_module_xyz:setup': Cannot import"),
         ("examples.deployment:nope", "has no attribute 'nope'"),
         ("examples.deployment:Greeter", "is the class Greeter"),
-        ("examples.deployment", "must be 'module:attr'"),
+        ("examples", "must be 'module:attr' or the path of a .toml deployment file"),
         ("missing.toml", "No such deployment file: 'missing.toml'"),
         ("json:JSONDecodeError", "is the class JSONDecodeError"),
         ("os:sep", "'/' of type str"),
