@@ -107,9 +107,10 @@ def _nearest(name: str, candidates: list[str]) -> str:
 
 
 def public_names(obj: Any, suggest: Callable[[Any], bool] = callable) -> list[str]:
-    """The public names of ``obj`` whose value ``suggest`` accepts; in a module, only the
-    functions and classes defined there (not what it imported) and the other values."""
+    """The public names of ``obj`` whose value ``suggest`` accepts; in a module, of its functions
+    and classes only those defined there or named in its ``__all__`` (not what it imported)."""
     own = obj.__name__ if inspect.ismodule(obj) else None
+    exported = set(getattr(obj, "__all__", ())) if own is not None else set()
     names: list[str] = []
     for name in dir(obj):
         if name.startswith("_"):
@@ -121,8 +122,9 @@ def public_names(obj: Any, suggest: Callable[[Any], bool] = callable) -> list[st
         if inspect.ismodule(value) or not suggest(value):
             continue
         defined = inspect.isfunction(value) or inspect.isclass(value)
-        if own is not None and defined and getattr(value, "__module__", own) != own:
-            continue  # imported into the module, not defined there
+        imported = own is not None and defined and getattr(value, "__module__", own) != own
+        if imported and name not in exported:
+            continue
         names.append(name)
     return names
 

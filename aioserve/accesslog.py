@@ -6,15 +6,18 @@
 
 The client's address and port (``-`` when the server gives none), the method and path with its
 query string (the path as the server received it, ``root_path`` included, percent-encoded), the
-status, the latency in milliseconds from the request's arrival until the last byte of its
-response was handed to the server (a streamed response counts whole), and the request id: the
-``X-Request-ID`` the response carries (``-`` for the few answers that carry none: 413 and 431 given
-before the request is read, and system routes).
+status, the latency in milliseconds from when the server handed the request to the app until the
+last byte of its response was handed back (a streamed response counts whole), and the request id:
+the ``X-Request-ID`` the response carries (``-`` for the few answers that carry none: 413 and 431
+given before the request is read, and system routes).
 
 A request whose client went away before it was answered logs status **499** (nginx's "client
-closed request"): nothing was sent. A request whose handling raised before anything was sent logs
-500, as the server answers it. The instance writes these lines itself (the servers' own access
-logs stay off), so they are the same on uvicorn and granian, in one process or in each worker.
+closed request"; uvicorn logs nothing then) with the request's id: nothing was sent. A request
+whose handling raised before anything was sent logs 500, as the server answers it. The instance
+writes these lines itself (the servers' own access logs stay off), so they are the same on
+uvicorn and granian, in one process or in each worker. Answers a server gives without calling
+the app have no line: uvicorn's 503 past ``max_connections``, granian's 431 for more than 100
+headers, a malformed request's 400.
 """
 
 from __future__ import annotations
@@ -80,12 +83,15 @@ async def serve_logged(app: ASGIHandler, scope: Scope, receive: Receive, send: S
         status = status or 500
         raise
     finally:
+        if not status:
+            status = CLIENT_CLOSED_REQUEST
+            request_id = scope.get("aioserve.request_id", request_id)
         access_logger.info(
             _FORMAT,
             _client(scope),
             scope.get("method", "-"),
             _target(scope),
-            status or CLIENT_CLOSED_REQUEST,
+            status,
             (time.perf_counter() - started) * 1000.0,
             request_id,
         )

@@ -247,6 +247,7 @@ class HTTPApp:
                     scope["path_params"] = params
                 answer = await self._call(scope, receive, send, endpoint, call)
                 if answer is None:
+                    scope["aioserve.request_id"] = request_id  # for the access log's 499 line
                     return  # the client went away: nobody is left to answer
                 response, users_own = answer
             header = (b"x-request-id", request_id.encode("latin-1"))
