@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._types import Lifecycle
 from .serve import Serve
 
 __all__ = [
@@ -131,7 +132,10 @@ def in_flight(serve: Serve) -> int:
 
 
 def log_drain(serve: Serve, timeout_s: float) -> None:
-    """A worker at a signal: stop admitting, and say how many requests drain for how long."""
+    """A worker at a signal: stop admitting, and say how many requests drain for how long
+    (once: a server may pass on more than one signal)."""
+    if serve.state is not Lifecycle.RUNNING:
+        return
     serve.begin_shutdown()
     logger.info(
         "Shutting down: %d request(s) in flight drain for up to %.1f s "

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -292,4 +293,6 @@ def _run_granian_workers(host: str, port: int, args: argparse.Namespace) -> None
         backlog=BACKLOG,
         log_level=LogLevels(args.log_level),
         log_access=False,
+        # Requests in flight at a signal drain for up to this long, as with uvicorn.
+        workers_kill_timeout=max(1, math.ceil(args.timeout_graceful_shutdown)),
     ).serve()

@@ -201,7 +201,10 @@ def test_no_access_log_silences_it(
 
 
 def test_workers_each_log_their_requests_and_one_logs_the_summary(
-    run: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: Callable[..., Running],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    server_name: str,
 ) -> None:
     port = _free_port()
     server = start_app(
@@ -209,13 +212,14 @@ def test_workers_each_log_their_requests_and_one_logs_the_summary(
         tmp_path,
         monkeypatch,
         *("--workers", "2", "--port", str(port), "--timeout-graceful-shutdown", "7"),
+        *("--server", server_name),
     )
     url = server.url()
     wait_for_log(server, "backend gated")
     summaries = re.findall(r"aioserve \S+ ready on (\S+) \((.*)\)", server.stderr)
     assert len(summaries) == 1, server.stderr
     assert summaries[0][0] == url
-    assert summaries[0][1].startswith("uvicorn, 2 worker processes")
+    assert summaries[0][1].startswith(f"{server_name}, 2 worker processes")
 
     pids: set[int] = set()
     sent = 0
@@ -228,6 +232,10 @@ def test_workers_each_log_their_requests_and_one_logs_the_summary(
         lambda: len([a for a in access_lines(server) if a["id"].startswith("w-")]) == sent,
         "an access line for every request, from either worker",
     )
+    # The ids the workers give are their own: none is given twice (forked workers too).
+    assert httpx.get(f"{url}/nope").status_code == 404
+    ids = [httpx.get(f"{url}/nope").headers["x-request-id"] for _ in range(20)]
+    assert len(set(ids)) == len(ids)
 
     # A signal: each worker says how many of its requests drain, and for how long at most.
     thread, answer = get_in_thread(f"{url}/gated")
