@@ -430,3 +430,19 @@ def test_the_startup_summary_lists_endpoints_and_backends(run: Callable[..., Run
     ]
     assert server.stderr.count("ready on") == 1
     assert json.loads(httpx.get(f"{url}/pid").text) == {"pid": server.proc.pid}
+
+
+def test_a_serve_instance_gets_the_access_log_and_a_summary(run: Callable[..., Running]) -> None:
+    server = run("examples.deployment:app", "--port", "0")
+    url = server.url()
+    assert httpx.get(f"{url}/-/healthz").status_code == 200
+    until(lambda: len(access_lines(server)) == 1, "the access line of /-/healthz")
+    (line,) = access_lines(server)
+    assert (line["method"], line["target"], line["status"], line["id"]) == (
+        "GET",
+        "/-/healthz",
+        "200",
+        "-",  # system routes give no request id
+    )
+    summary = f"ready on {url} (uvicorn, pid {server.proc.pid})\n  no endpoints\n  no backends\n"
+    assert summary in server.stderr
