@@ -54,8 +54,11 @@ def _target(scope: Scope) -> str:
     path = quote(scope.get("path", ""))
     query: bytes = scope.get("query_string", b"")
     if query:
-        # Escape what is not printable ASCII: one request, one line.
-        return f"{path}?{query.decode('ascii', 'backslashreplace')}"
+        text = query.decode("latin-1")
+        if not (text.isascii() and text.isprintable()):
+            # Escaped: one request, one line, whatever the client sent.
+            text = text.encode("unicode_escape").decode("ascii")
+        return f"{path}?{text}"
     return path
 
 

@@ -10,7 +10,9 @@ process that fails (an edit with a syntax error) reports its error, and the next
 new one. Ctrl-C stops the supervisor, which stops the server process.
 
 What is watched: ``*.py`` files under the current directory, or under each ``--reload-dir``; and
-a TOML TARGET itself. Not with ``--workers`` (uvicorn's reloader runs one server process).
+a TOML TARGET itself. The supervising process loads the TARGET once, before anything starts, to
+check it (a bad TARGET exits 2, as without ``--reload``) and to learn its address. Not with
+``--workers`` (uvicorn's reloader runs one server process); with ``--server granian`` too.
 """
 
 from __future__ import annotations

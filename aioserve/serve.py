@@ -172,7 +172,8 @@ class Serve:
 
     @property
     def debug(self) -> bool:
-        """Whether a 500 response's body carries the traceback (never for a public server)."""
+        """Whether a 500 response's body carries the traceback (keep it off on a server that
+        untrusted clients reach)."""
         return self._http.debug
 
     @debug.setter
