@@ -79,6 +79,7 @@ from typing import Any
 
 from . import __version__
 from ._concurrency import new_event_loop
+from .clisummary import startup_summary
 from .clitarget import DEFAULT_HOST, DEFAULT_PORT
 from .clitarget import _CLIError as _CLIError
 from .clitarget import _exit_code as _exit_code
@@ -117,8 +118,6 @@ async def _run_one(
 ) -> int:
     """Serve ``target`` in this process until one of ``signals``; ``sock``: a socket bound by a
     supervisor (``--reload``), else the instance binds ``address``."""
-    from .clisummary import startup_summary
-
     serve = target.make_serve(
         address,
         args.kv_store_path,
