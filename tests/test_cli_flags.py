@@ -354,6 +354,41 @@ def test_reload_survives_a_broken_edit(run: Callable[..., Running], tmp_path: Pa
     assert server.stop(signal.SIGTERM) == 0
 
 
+RELOADED_TOML = """
+[[backends]]
+tag = "hello"
+target = "examples.deployment:hello"
+
+[[endpoints]]
+name = "hello"
+backend = "hello"
+route = "{route}"
+"""
+
+
+def test_reload_serves_an_edit_of_the_toml_target(
+    run: Callable[..., Running], tmp_path: Path
+) -> None:
+    watched = tmp_path / "watched"  # no .py file here: only the TOML TARGET changes
+    watched.mkdir()
+    deployment = tmp_path / "reloaded.toml"
+    deployment.write_text(RELOADED_TOML.format(route="/hello"))
+    server = run(str(deployment), "--reload", "--reload-dir", str(watched), "--port", "0")
+    url = server.url()
+    assert httpx.get(f"{url}/hello").text == "hello world"
+    deployment.write_text(RELOADED_TOML.format(route="/hello-again"))
+
+    def moved() -> bool:
+        try:
+            return httpx.get(f"{url}/hello-again", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    until(moved, "the edited file is served")
+    assert httpx.get(f"{url}/hello").status_code == 404
+    assert server.stop(signal.SIGTERM) == 0
+
+
 # -- --root-path -----------------------------------------------------------------------------------
 
 
