@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import os
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Protocol
@@ -57,6 +58,16 @@ class Lifecycle(enum.Enum):
 
 _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    # A forked worker (granian's --workers) must not number its requests as its siblings do.
+    global _ID_PREFIX, _ids
+    _ID_PREFIX = secrets.token_hex(4)
+    _ids = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 def new_request_id() -> str:

@@ -3,7 +3,10 @@
 Usage::
 
     aioserve run TARGET [--host HOST] [--port PORT] [--server uvicorn|granian] [--workers N]
-                        [--log-level LEVEL] [--kv-store-path PATH]
+                        [--reload [--reload-dir DIR]] [--root-path PATH] [--debug]
+                        [--access-log | --no-access-log] [--log-level LEVEL]
+                        [--timeout-graceful-shutdown S] [--kv-store-path PATH] [limits]
+    aioserve --version
 
 TARGET is one of:
 
@@ -13,13 +16,28 @@ TARGET is one of:
 - a path ending in ``.toml``: a declarative deployment (see :mod:`aioserve.deployment`).
 
 The current directory is put on ``sys.path`` first, as uvicorn does, so
-``examples.deployment:setup`` imports from where the command runs. Once the deployment is built,
-one line goes to stdout::
+``examples.deployment:setup`` imports from where the command runs. A TARGET that does not load
+says how to fix it: a file name for a module (``app.py:setup`` -> ``app:setup``), a module that is
+not there (where Python looked, and the modules with a similar name), a missing attribute (the
+module's public names nearest to it), or an object that ``run`` cannot serve (what it can).
+
+Once the deployment is built, one line goes to stdout::
 
     aioserve is serving on http://127.0.0.1:8000
 
-SIGINT or SIGTERM shuts down gracefully and exits 0. ``--port 0`` picks a free port (the line shows
-it; not with ``--workers``).
+and a summary is logged at INFO (URL, pid, server, each endpoint with its methods, route and
+traffic, each backend with its replicas; see :mod:`aioserve.clisummary`). SIGINT or SIGTERM shuts
+down gracefully (a log line says how many requests drain, for how long at most) and exits 0.
+``--port 0`` picks a free port (the line shows it; not with ``--workers``).
+
+One access line per request is logged to ``aioserve.access`` (format: :mod:`aioserve.accesslog`);
+``--no-access-log`` turns it off. ``--debug`` puts the traceback in the body of a 500 response.
+``--root-path /prefix`` serves behind a proxy that strips ``/prefix`` (uvicorn's ``root_path``).
+
+``--reload`` restarts the server process whenever a ``.py`` file (or the TOML TARGET) under the
+current directory or a ``--reload-dir`` changes, with uvicorn's reloader: the supervising process
+holds the port, so requests made during a restart wait instead of failing (see
+:mod:`aioserve.clireload`). Not with ``--workers``.
 
 ``--server`` chooses the HTTP server (default: the file's or the instance's ``server``, else
 uvicorn); ``granian`` needs the ``aioserve[granian]`` extra, and says so (exit 2) without it.
@@ -28,7 +46,8 @@ uvicorn); ``granian`` needs the ``aioserve[granian]`` extra, and says so (exit 2
 process manager (uvicorn's or granian's); each process builds the same deployment on its own
 ``Serve`` (no server of its own, behind the shared server, which runs its lifespan). This is the
 way to use more cores: one aioserve instance runs on one event loop. Backends, replicas and batch
-queues are per process.
+queues are per process; every worker logs its own access lines, and the first one ready logs the
+startup summary.
 
 ``--kv-store-path`` persists the control state (see :mod:`aioserve.store`). The TARGET's
 deployment is applied only when nothing was restored; once the file holds state, the restored
@@ -41,30 +60,34 @@ starts, and every problem is reported. Errors that only ``Serve`` can detect whi
 constructor that raises, ``max_batch_size`` on a callable that does not batch) are reported the same
 way after shutting down what started.
 
-Exit codes: 0 after a signal, 2 for a bad TARGET, file or option (nothing started, or what started
-has been shut down), 1 for other failures (a port in use, a backend constructor that raised).
+Exit codes: 0 after a signal (and for ``--version``), 2 for a bad TARGET, file or option (nothing
+started, or what started has been shut down), 1 for other failures (a port in use, a backend
+constructor that raised).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import inspect
 import logging
 import os
 import signal
+import socket
 import sys
-import traceback
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
+from typing import Any
 
+from . import __version__
 from ._concurrency import new_event_loop
-from ._importer import import_attr
-from .config import HTTPOptions, ServerName
+from .clisummary import startup_summary
+from .clitarget import DEFAULT_HOST, DEFAULT_PORT
+from .clitarget import _CLIError as _CLIError
+from .clitarget import _exit_code as _exit_code
+from .clitarget import _Target as _Target
+from .clitarget import _traceback as _traceback
+from .config import ServerName
 from .context import LOG_FORMAT, install_log_context
-from .deployment import Deployment, load_deployment
-from .exceptions import BindError, ConfigError, ConfigTypeError, DeploymentError
+from .exceptions import BindError
 from .serve import Serve
 
 __all__ = ["main"]
@@ -73,8 +96,7 @@ logger = logging.getLogger(__name__)
 
 _WORKER_ENV = "AIOSERVE_CLI_WORKER"
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-_DEFAULT_HOST = "127.0.0.1"
-_DEFAULT_PORT = 8000
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
@@ -82,200 +104,28 @@ _Receive = Callable[[], Awaitable[_Message]]
 _Send = Callable[[_Message], Awaitable[None]]
 
 
-class _CLIError(Exception):
-    """An error reported on stderr as ``aioserve: error: ...``; the process exits with ``code``."""
-
-    def __init__(self, message: str, code: int = 2, *, details: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details  # a traceback worth showing above the one-line message
-
-
-def _exit_code(exc: BaseException) -> int:
-    return 2 if isinstance(exc, ConfigError | ConfigTypeError) else 1
-
-
-def _traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).rstrip()
-
-
-# -- targets ---------------------------------------------------------------------------------------
-
-Setup = Callable[[Serve], Awaitable[None]]
-
-
-@dataclasses.dataclass
-class _Target:
-    """What ``run`` serves: a TOML deployment, an async setup function, or a Serve instance."""
-
-    spec: str
-    deployment: Deployment | None = None
-    setup: Setup | None = None
-    instance: Serve | None = None
-
-    @classmethod
-    def load(cls, spec: str) -> _Target:
-        """Resolve TARGET; :class:`_CLIError` (exit 2) when it is not something ``run`` serves."""
-        if spec.endswith(".toml"):
-            try:
-                return cls(spec, deployment=load_deployment(spec))
-            except DeploymentError as exc:
-                raise _CLIError(str(exc)) from None
-        module, _, attr = spec.partition(":")
-        if not module or not attr:
-            raise _CLIError(
-                f"TARGET {spec!r} must be 'module:attr' (a Serve instance or an async setup "
-                f"function) or the path of a .toml deployment file."
-            )
-        try:
-            obj = import_attr(spec)
-        except ConfigError as exc:
-            raise _CLIError(f"Cannot load {spec!r}: {exc}") from None
-        except Exception as exc:
-            raise _CLIError(
-                f"Importing {module!r} raised {type(exc).__name__}: {exc}",
-                details=_traceback(exc),
-            ) from None
-        if isinstance(obj, Serve):
-            return cls(spec, instance=obj)
-        if inspect.iscoroutinefunction(obj):
-            try:
-                inspect.signature(obj).bind(None)
-            except TypeError:
-                raise _CLIError(
-                    f"The setup function {spec!r} must take one argument, the Serve instance: "
-                    f"'async def {attr.rpartition('.')[2]}(serve: Serve) -> None'."
-                ) from None
-            return cls(spec, setup=obj)
-        if inspect.isclass(obj):
-            what = f"the class {obj.__qualname__}"
-        elif inspect.isroutine(obj):
-            what = "a sync function"
-        else:
-            what = f"{obj!r} of type {type(obj).__name__}"
-        raise _CLIError(
-            f"{spec!r} is {what}. 'aioserve run module:attr' needs a Serve instance or an async "
-            f"setup function 'async def setup(serve: Serve) -> None'."
-        )
-
-    def server(self, flag: ServerName | None) -> ServerName:
-        """The HTTP server: the flag, else the file's or the instance's, else uvicorn."""
-        if flag is not None:
-            return flag
-        if self.instance is not None:
-            return self.instance.http_options.server
-        if self.deployment is not None:
-            # The file's [http] table holds valid HTTPOptions values only (checked on load).
-            return cast(ServerName, self.deployment.http.get("server", "uvicorn"))
-        return "uvicorn"
-
-    @property
-    def root_path(self) -> str:
-        """The root_path of the file's [http] table or of the instance."""
-        if self.instance is not None:
-            return self.instance.http_options.root_path
-        if self.deployment is not None:
-            return str(self.deployment.http.get("root_path", ""))
-        return ""
-
-    def address(self, host: str | None, port: int | None) -> tuple[str, int]:
-        """Where to serve: the flags, else the file's or the instance's, else the defaults."""
-        given: dict[str, Any] = {}
-        if self.instance is not None and self.instance.http_options.serves:
-            given = {
-                "host": self.instance.http_options.host,
-                "port": self.instance.http_options.port,
-            }
-        elif self.deployment is not None:
-            given = self.deployment.http
-        return (
-            host if host is not None else given.get("host", _DEFAULT_HOST),
-            port if port is not None else given.get("port", _DEFAULT_PORT),
-        )
-
-    def make_serve(
-        self,
-        address: tuple[str, int] | None,
-        kv_store_path: str | None,
-        limits: dict[str, Any] | None = None,
-        server: ServerName = "uvicorn",
-    ) -> Serve:
-        """The instance to run; without an address it has no server of its own (a worker).
-
-        ``limits`` are HTTP options given on the command line; they replace the target's.
-        """
-        limits = limits or {}
-        if self.instance is not None:
-            if kv_store_path is not None:
-                raise _CLIError(
-                    "--kv-store-path does not apply to a Serve instance; give the instance its "
-                    "own kv_store_path."
-                )
-            opts = self.instance.http_options
-            if address is None:
-                new = dataclasses.replace(opts, location="NoServer", **limits)
-            else:
-                host, port = address
-                new = dataclasses.replace(
-                    opts, host=host, port=port, location="HeadOnly", server=server, **limits
-                )
-            self.instance.http_options = new
-            return self.instance
-        if address is None:
-            options = HTTPOptions(location="NoServer", root_path=self.root_path, **limits)
-        else:
-            host, port = address
-            options = HTTPOptions(
-                host=host, port=port, root_path=self.root_path, server=server, **limits
-            )
-        return _new_serve(options, kv_store_path)
-
-    async def populate(self, serve: Serve) -> None:
-        """Create the deployment on a started instance (nothing to do for an instance target)."""
-        if self.instance is not None:
-            return
-        if serve.list_backends() or serve.list_endpoints():
-            logger.warning(
-                "State restored from the kv store (%d backends, %d endpoints); %s is not applied.",
-                len(serve.list_backends()),
-                len(serve.list_endpoints()),
-                self.spec,
-            )
-            return
-        if self.deployment is not None:
-            try:
-                await self.deployment.state.apply(serve)
-            except DeploymentError as exc:
-                cause = exc.__cause__ if exc.__cause__ is not None else exc
-                config = isinstance(cause, ConfigError | ConfigTypeError)
-                details = "" if config else _traceback(cause)
-                raise _CLIError(str(exc), _exit_code(cause), details=details) from exc
-        elif self.setup is not None:
-            try:
-                await self.setup(serve)
-            except Exception as exc:
-                raise _CLIError(
-                    f"The setup function {self.spec!r} raised {type(exc).__name__}: {exc}",
-                    _exit_code(exc),
-                    details=_traceback(exc),
-                ) from exc
-
-
-def _new_serve(options: HTTPOptions, kv_store_path: str | None) -> Serve:
-    return Serve(http_options=options, kv_store_path=kv_store_path)
-
-
 # -- one process -----------------------------------------------------------------------------------
 
 
 async def _run_one(
     target: _Target,
+    args: argparse.Namespace,
     address: tuple[str, int],
-    kv_store_path: str | None,
-    limits: dict[str, Any],
     server: ServerName,
+    *,
+    sock: socket.socket | None = None,
+    signals: Sequence[signal.Signals] = _SIGNALS,
 ) -> int:
-    serve = target.make_serve(address, kv_store_path, limits, server)
+    """Serve ``target`` in this process until one of ``signals``; ``sock``: a socket bound by a
+    supervisor (``--reload``), else the instance binds ``address``."""
+    serve = target.make_serve(
+        address,
+        args.kv_store_path,
+        _limits(args),
+        server,
+        access_log=args.access_log,
+        debug=args.debug,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
@@ -287,16 +137,24 @@ async def _run_one(
             os._exit(1)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in signals:
         try:
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
             continue
         installed.append(sig)
     try:
-        started = await _until(stop, _start_and_populate(target, serve))
+        started = await _until(stop, _start_and_populate(target, serve, sock))
         if started:
             print(f"aioserve is serving on {serve.url}", flush=True)
+            summary = startup_summary(
+                serve,
+                url=str(serve.url),
+                server=server,
+                pid=os.getpid(),
+                root_path=target.root_path,
+            )
+            logger.info("%s", summary)
             await stop.wait()
         logger.info("Shutting down (a second signal exits at once).")
         return 0
@@ -306,11 +164,13 @@ async def _run_one(
             loop.remove_signal_handler(sig)
 
 
-async def _start_and_populate(target: _Target, serve: Serve) -> None:
+async def _start_and_populate(
+    target: _Target, serve: Serve, sock: socket.socket | None = None
+) -> None:
     # Not ready (GET /-/ready answers 503) until the whole deployment is in place.
     serve.set_ready(False)
     try:
-        await serve.start()
+        await serve.start(sock=sock)
     except BindError as exc:
         raise _CLIError(str(exc), 1) from exc
     await target.populate(serve)
@@ -333,6 +193,19 @@ async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:
         return False
     task.result()
     return True
+
+
+def _serve_here(
+    target: _Target,
+    args: argparse.Namespace,
+    address: tuple[str, int],
+    server: ServerName,
+    **kwargs: Any,
+) -> int:
+    """Run :func:`_run_one` on a new event loop: uvloop when installed (aioserve[fast]), as
+    uvicorn itself would choose."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_run_one(target, args, address, server, **kwargs))
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -376,6 +249,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _root_path(text: str) -> str:
+    if text and not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"must be '' or start with '/', got {text!r}")
+    return text.rstrip("/")  # '/api/' serves as '/api'; '/' as no prefix
+
+
 _LIMIT_FLAGS = {
     "max_body_bytes": "max_body_bytes",
     "max_connections": "max_connections",
@@ -401,16 +280,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aioserve", description="Serve Python functions and classes with aioserve."
     )
+    version = f"aioserve {__version__}"
+    parser.add_argument("--version", action="version", version=version)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
         help="serve a deployment",
         description="Serve a Serve instance, an async setup function or a TOML deployment file.",
     )
+    run.add_argument("--version", action="version", version=version)
     run.add_argument("target", metavar="TARGET", help="module:attr or a path ending in .toml")
-    run.add_argument("--host", default=None, help=f"bind address (default {_DEFAULT_HOST})")
+    run.add_argument("--host", default=None, help=f"bind address (default {DEFAULT_HOST})")
     run.add_argument(
-        "--port", type=_port, default=None, help=f"port, 0 for a free one (default {_DEFAULT_PORT})"
+        "--port", type=_port, default=None, help=f"port, 0 for a free one (default {DEFAULT_PORT})"
     )
     run.add_argument(
         "--server",
@@ -424,6 +306,35 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="processes sharing the port (default 1)",
+    )
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="restart when a .py file (or the TOML TARGET) changes; for development",
+    )
+    run.add_argument(
+        "--reload-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        dest="reload_dirs",
+        help="with --reload: watch this directory (repeatable; default the current one)",
+    )
+    run.add_argument(
+        "--root-path",
+        type=_root_path,
+        default=None,
+        metavar="PATH",
+        help="the prefix a proxy in front strips (default: the target's, else none)",
+    )
+    run.add_argument(
+        "--debug", action="store_true", help="tracebacks in the bodies of 500 responses"
+    )
+    run.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one log line per request, to the aioserve.access logger (default on)",
     )
     run.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="(default info)")
     limits = run.add_argument_group("limits (default: the target's http options, else safe ones)")
@@ -457,19 +368,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _cwd_on_path()
         target = _Target.load(args.target)
+        target.root_path_flag = args.root_path
         address = target.address(args.host, args.port)
         server = target.server(args.server)
+        from .clireload import check_reload, run_reload
         from .cliworkers import check_server, check_workers, run_workers
 
         check_server(server)
         check_workers(args, address)
+        check_reload(args)
         # Only now: every error so far is the user's, reported before anything started.
         _setup_logging(args.log_level)
+        if args.reload:
+            return run_reload(args, address, server)
         if args.workers > 1:
             return run_workers(target, args, address, server)
-        # uvloop when installed (aioserve[fast]), as uvicorn itself would choose.
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(_run_one(target, address, args.kv_store_path, _limits(args), server))
+        return _serve_here(target, args, address, server)
     except _CLIError as exc:
         _report(exc)
         return exc.code

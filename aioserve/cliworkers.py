@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -40,6 +41,7 @@ from .cli import (
     _Target,
     _traceback,
 )
+from .clisummary import log_drain, startup_summary, summary_claimed, summary_marker
 from .config import HTTPOptions, ServerName
 from .exceptions import ConfigError
 from .serve import Serve
@@ -48,7 +50,7 @@ from .workermetrics import WorkerMetrics, shared_directory
 
 __all__ = ["check_server", "check_workers", "run_workers"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("aioserve.cli")
 
 
 class _ReadyWatcher:
@@ -155,15 +157,32 @@ class _WorkerApp:
                 return
 
     async def _start(self) -> Serve:
-        target = _Target.load(self._settings["target"])
-        serve = target.make_serve(None, None, self._settings["limits"])
+        settings = self._settings
+        target = _Target.load(settings["target"])
+        serve = target.make_serve(
+            None,
+            None,
+            settings["limits"],
+            access_log=settings["access_log"],
+            debug=settings["debug"],
+        )
         try:
             await _start_and_populate(target, serve)
             self._metrics = await self._share_metrics(serve)
         except BaseException:
             await serve.aclose()
             raise
-        _drain_on_signals(serve)
+        _drain_on_signals(serve, settings["timeout_graceful_shutdown"])
+        if summary_claimed(summary_marker(settings["token"])):
+            summary = startup_summary(
+                serve,
+                url=settings["url"],
+                server=settings["server"],
+                pid=os.getpid(),
+                workers=settings["workers"],
+                root_path=target.root_path,
+            )
+            logger.info("%s", summary)
         return serve
 
     async def _share_metrics(self, serve: Serve) -> WorkerMetrics | None:
@@ -177,9 +196,9 @@ class _WorkerApp:
         return await WorkerMetrics.open(serve.metrics, Path(self._settings["metrics_dir"]))
 
 
-def _drain_on_signals(serve: Serve) -> None:
-    """In a worker: on SIGINT/SIGTERM stop admitting at once (503, not ready), then let
-    uvicorn's own handler shut the server down, which waits for the requests in flight."""
+def _drain_on_signals(serve: Serve, timeout_s: float) -> None:
+    """In a worker: on SIGINT/SIGTERM stop admitting at once (503, not ready) and log how many
+    requests drain, then let the server's own handler shut it down, which waits for them."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous = signal.getsignal(sig)
@@ -189,7 +208,7 @@ def _drain_on_signals(serve: Serve) -> None:
         def handler(
             signum: int, frame: Any, previous: Callable[[int, Any], Any] = previous
         ) -> None:
-            loop.call_soon_threadsafe(serve.begin_shutdown)
+            loop.call_soon_threadsafe(log_drain, serve, timeout_s)
             previous(signum, frame)
 
         signal.signal(sig, handler)
@@ -249,6 +268,12 @@ def _run_workers(
         "log_level": args.log_level,
         "notify_port": watcher.port,
         "token": watcher.token,
+        "url": watcher._url,
+        "server": server,
+        "workers": args.workers,
+        "access_log": args.access_log,
+        "debug": args.debug,
+        "timeout_graceful_shutdown": args.timeout_graceful_shutdown,
         # uvicorn adds root_path to the path itself; with granian the worker app does.
         "root_path": target.root_path if server == "granian" else "",
         "metrics_dir": str(metrics_dir),
@@ -278,6 +303,7 @@ def _run_workers(
     finally:
         watcher.close()
         os.environ.pop(_WORKER_ENV, None)
+        summary_marker(watcher.token).unlink(missing_ok=True)
     return watcher.exit_code
 
 
@@ -299,4 +325,6 @@ def _run_granian_workers(host: str, port: int, args: argparse.Namespace) -> None
         backlog=BACKLOG,
         log_level=LogLevels(args.log_level),
         log_access=False,
+        # Requests in flight at a signal drain for up to this long, as with uvicorn.
+        workers_kill_timeout=max(1, math.ceil(args.timeout_graceful_shutdown)),
     ).serve()

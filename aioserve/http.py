@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from ._concurrency import TaskOwner, current_task
 from ._types import ASGI_METHOD, Call, Lifecycle, Message, Receive, Scope, Send, new_request_id
+from .accesslog import serve_logged
 from .calloptions import check_slo, deadline_from
 from .config import HTTPOptions
 from .context import call_var
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["HTTPApp"]
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("aioserve.access")
 
 # A request still running after a full sweep interval (50-100 ms) starts watching for its client
 # going away (a queued one starts at once); quick requests pay for no task and no timer.
@@ -144,7 +144,10 @@ class HTTPApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            if self.access_log:
+                await serve_logged(self._http, scope, receive, send)
+            else:
+                await self._http(scope, receive, send)
         elif kind == "lifespan":
             # The instance's lifecycle is driven by ``async with Serve``; acknowledge only.
             while True:
@@ -248,6 +251,7 @@ class HTTPApp:
                     scope["path_params"] = params
                 answer = await self._call(scope, receive, send, endpoint, call)
                 if answer is None:
+                    scope["aioserve.request_id"] = request_id  # for the access log's 499 line
                     return  # the client went away: nobody is left to answer
                 response, users_own = answer
             header = (b"x-request-id", request_id.encode("latin-1"))
@@ -257,10 +261,6 @@ class HTTPApp:
             else:
                 response.raw_headers.append(header)
             await response(scope, receive, send)
-            if self.access_log:
-                access_logger.info(
-                    '%s "%s %s" %d', request_id, scope["method"], path, response.status_code
-                )
         finally:
             call_var.reset(token)
 
@@ -414,16 +414,10 @@ class HTTPApp:
                 retry = isinstance(error, (Overloaded, DeadlineExceeded, ServeShutdown))
                 self.error_response(error)  # logs it as for HTTP
                 await send({"type": "websocket.close", "code": 1013 if retry else 1011})
-                status = 403
             else:
                 response = self.error_response(error)
                 response.raw_headers.append(header)
                 await response(scope, receive, send)
-                status = response.status_code
-        if self.access_log:
-            access_logger.info(
-                '%s "%s %s" %d', call.request_id, scope.get("method", "WS"), scope["path"], status
-            )
 
     def _sweep(self) -> None:
         """Start watching requests that have run for a sweep interval; one timer per app."""

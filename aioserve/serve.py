@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import random
+import socket
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -164,6 +165,26 @@ class Serve:
         """The router (endpoint table and traffic)."""
         return self._router
 
+    @property
+    def access_log(self) -> bool:
+        """Whether one line per HTTP request goes to the ``aioserve.access`` logger (see
+        :mod:`aioserve.accesslog`); settable, e.g. by ``aioserve run``, which turns it on."""
+        return self._http.access_log
+
+    @access_log.setter
+    def access_log(self, on: bool) -> None:
+        self._http.access_log = bool(on)
+
+    @property
+    def debug(self) -> bool:
+        """Whether a 500 response's body carries the traceback (keep it off on a server that
+        untrusted clients reach)."""
+        return self._http.debug
+
+    @debug.setter
+    def debug(self, on: bool) -> None:
+        self._http.debug = bool(on)
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Serve:
@@ -173,8 +194,12 @@ class Serve:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def start(self) -> None:
-        """Start the instance on the running loop (and its HTTP server, unless NoServer)."""
+    async def start(self, *, sock: socket.socket | None = None) -> None:
+        """Start the instance on the running loop (and its HTTP server, unless NoServer).
+
+        ``sock``: serve on this bound socket instead of binding ``host:port`` (a supervisor that
+        restarts the process keeps it open in between); the instance closes its own copy.
+        """
         if self.state is Lifecycle.RUNNING:
             return
         if self.state is not Lifecycle.STARTING:
@@ -192,7 +217,7 @@ class Serve:
         install_log_context()
         if self.http_options.serves:
             try:
-                await self._start_server()
+                await self._start_server(sock)
             except BaseException:
                 await self.aclose()
                 raise
@@ -256,10 +281,11 @@ class Serve:
             logger.exception("The control state could not be saved; the change stays in force.")
             raise
 
-    async def _start_server(self) -> None:
+    async def _start_server(self, sock: socket.socket | None) -> None:
         opts = self.http_options
         assert opts.host is not None  # serves is False without a host
-        sock = bind(opts.host, opts.port)
+        if sock is None:
+            sock = bind(opts.host, opts.port)
         system_sock = None
         if opts.system_port is not None and opts.system_routes:
             try:

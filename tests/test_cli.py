@@ -214,7 +214,7 @@ def _fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         ("no_such_module_xyz:setup", "Cannot load 'no_such_module_xyz:setup': Cannot import"),
         ("examples.deployment:nope", "has no attribute 'nope'"),
         ("examples.deployment:Greeter", "is the class Greeter"),
-        ("examples.deployment", "must be 'module:attr'"),
+        ("examples", "must be 'module:attr' or the path of a .toml deployment file"),
         ("missing.toml", "No such deployment file: 'missing.toml'"),
         ("json:JSONDecodeError", "is the class JSONDecodeError"),
         ("os:sep", "'/' of type str"),
@@ -227,6 +227,106 @@ def test_targets_that_are_not_servable(
     err = _fails(capsys, target)
     assert err.startswith("aioserve: error: ")
     assert needle in err
+
+
+@pytest.mark.usefixtures("in_repo")
+@pytest.mark.parametrize(
+    ("target", "needle"),
+    [
+        (
+            "digits_app.py:setup",
+            "TARGET 'digits_app.py:setup': 'digits_app.py' is a file name, not a module name: "
+            "did you mean 'digits_app:setup'?",
+        ),
+        ("examples/deployment.py:setup", "did you mean 'examples.deployment:setup'?"),
+        ("./examples/deployment.py:app", "did you mean 'examples.deployment:app'?"),
+        (
+            "examples/deployment.py",
+            "is a file name, not 'module:attr': did you mean 'examples.deployment:app' or "
+            "'examples.deployment:setup'?",
+        ),
+        (
+            "examples.deployment",
+            "names a module, not what to serve in it: did you mean 'examples.deployment:app' or "
+            "'examples.deployment:setup'?",
+        ),
+        ("examples.deployment.setup", "did you mean 'examples.deployment:setup'?"),
+        (
+            "examples.deployment:stup",
+            "Module 'examples.deployment' has no attribute 'stup'. Did you mean 'setup'?",
+        ),
+        (
+            "examples.deploymnt:setup",
+            f"there is no module 'deploymnt' in package 'examples' "
+            f"({str(REPO / 'examples')!r}). Did you mean 'deployment'?",
+        ),
+        (
+            "exampels.deployment:setup",
+            f"there is no module 'exampels' in the current directory {str(REPO)!r} nor "
+            f"elsewhere on sys.path. Did you mean 'examples'?",
+        ),
+        (
+            "examples.deployment:hello",
+            'create it in a setup function: await serve.create_backend("hello", hello)',
+        ),
+        (
+            "examples.deployment:Greeter",
+            "'examples.deployment' has 'examples.deployment:app', 'examples.deployment:setup'.",
+        ),
+        ("os:sep", "'aioserve run' serves a Serve instance ('module:app'), an async setup"),
+    ],
+)
+def test_a_target_that_does_not_load_says_how_to_fix_it(
+    capsys: pytest.CaptureFixture[str], target: str, needle: str
+) -> None:
+    err = _fails(capsys, target)
+    assert err.startswith("aioserve: error: ")
+    assert needle in err
+    assert "Traceback" not in err  # the user's mistake, not a failure in their code
+
+
+def test_a_file_outside_the_current_directory_says_where_to_run_from(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "outside_mod.py").write_text("async def setup(serve):\n    pass\n")
+    err = _fails(capsys, f"{tmp_path}/outside_mod.py:setup")
+    assert f"did you mean 'outside_mod:setup', run from {str(tmp_path)!r}" in err
+
+
+@pytest.mark.usefixtures("in_repo")
+def test_a_module_whose_own_import_fails_shows_where(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cli_needs_dep.py").write_text(
+        "import json\nimport not_installed_dep_xyz\n\nasync def setup(serve):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = _fails(capsys, "cli_needs_dep:setup")
+    assert (
+        "aioserve: error: Cannot load 'cli_needs_dep:setup': Cannot import module "
+        "'cli_needs_dep' of 'cli_needs_dep:setup': No module named 'not_installed_dep_xyz'"
+    ) in err
+    # The module exists: the error is in it, and the traceback shows the line.
+    assert "Traceback" in err
+    assert 'cli_needs_dep.py", line 2' in err
+
+
+@pytest.mark.usefixtures("in_repo")
+def test_an_asgi_app_is_not_a_target_and_the_error_says_what_to_do(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cli_fastapi_app.py").write_text("from fastapi import FastAPI\n\napi = FastAPI()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = _fails(capsys, "cli_fastapi_app:api")
+    assert "'cli_fastapi_app:api' is an ASGI application (FastAPI)." in err
+    assert "mount a Serve's asgi_app in it" in err
+
+
+def test_a_file_name_for_a_module_exits_2_before_importing() -> None:
+    done = _run_to_exit("digits_app.py:setup")
+    assert done.returncode == 2
+    assert "did you mean 'digits_app:setup'?" in done.stderr
+    assert done.stdout == ""
 
 
 @pytest.mark.usefixtures("in_repo")
@@ -248,6 +348,10 @@ def test_a_setup_function_must_take_the_instance(
         (["--workers", "0"], "--workers: must be >= 1"),
         (["--port", "70000"], "--port: must be in 0..65535"),
         (["--log-level", "loud"], "invalid choice: 'loud'"),
+        (["--root-path", "api"], "--root-path: must be '' or start with '/', got 'api'"),
+        (["--reload", "--workers", "2", "--port", "9"], "--reload cannot be used with --workers 2"),
+        (["--reload-dir", "examples"], "--reload-dir applies only with --reload"),
+        (["--reload", "--reload-dir", "no/such/dir"], "--reload-dir 'no/such/dir' is not a dir"),
     ],
 )
 def test_bad_options(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
