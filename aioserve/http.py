@@ -229,11 +229,18 @@ class HTTPApp:
         try:
             users_own = False
             if endpoint is None:
-                response = (
-                    _plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")
-                    if running
-                    else _plain(503, "This aioserve instance is not running.")
-                )
+                if not running:
+                    response = _plain(503, "This aioserve instance is not running.")
+                elif not router.ready:
+                    # Still being built (aioserve run, a reload): the route may come in a moment.
+                    response = _plain(
+                        503,
+                        "This aioserve instance is starting: its deployment is not in place "
+                        "yet. See GET /-/ready.",
+                        {"Retry-After": "1"},
+                    )
+                else:
+                    response = _plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")
             elif endpoint.ingress:
                 call.method = ASGI_METHOD
                 await self._ingress(scope, receive, send, endpoint, call)

@@ -260,8 +260,13 @@ async def test_readiness_is_apart_from_liveness() -> None:
     async with s, httpx.AsyncClient(base_url=s.url or "") as client:
         assert (await client.get("/-/healthz")).status_code == 200
         assert (await client.get("/-/ready")).status_code == 503
+        # A route that may come with the deployment: "try again", not "there is none".
+        starting = await client.get("/not-yet")
+        assert (starting.status_code, starting.headers["Retry-After"]) == (503, "1")
+        assert "starting" in starting.text
         s.set_ready(True)
         assert (await client.get("/-/ready")).status_code == 200
+        assert (await client.get("/not-yet")).status_code == 404
         entered = asyncio.Event()
         release = asyncio.Event()
 
