@@ -85,7 +85,7 @@ from .clitarget import _CLIError as _CLIError
 from .clitarget import _exit_code as _exit_code
 from .clitarget import _Target as _Target
 from .clitarget import _traceback as _traceback
-from .config import ServerName
+from .config import BackendConfig, ServerName
 from .context import LOG_FORMAT, install_log_context
 from .exceptions import BindError
 from .serve import Serve
@@ -95,6 +95,9 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 _WORKER_ENV = "AIOSERVE_CLI_WORKER"
+# What requests in flight get at a signal without --timeout-graceful-shutdown, with --workers
+# (in one process: the longest graceful_shutdown_timeout_s of the backends, this by default).
+DEFAULT_DRAIN_S = BackendConfig().graceful_shutdown_timeout_s
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -159,7 +162,7 @@ async def _run_one(
         logger.info("Shutting down (a second signal exits at once).")
         return 0
     finally:
-        await serve.aclose()
+        await serve.aclose(drain_timeout_s=args.timeout_graceful_shutdown)
         for sig in installed:
             loop.remove_signal_handler(sig)
 
@@ -349,9 +352,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--timeout-graceful-shutdown",
         type=_seconds,
-        default=20.0,
+        default=None,
         metavar="S",
-        help="with --workers: how long a worker waits for requests in flight (default 20)",
+        help="how long requests in flight may take at a signal (default: the longest "
+        f"graceful_shutdown_timeout_s of the backends, {DEFAULT_DRAIN_S:g} s unless configured)",
     )
     run.add_argument(
         "--kv-store-path", default=None, metavar="PATH", help="persist the state in this file"

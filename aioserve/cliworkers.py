@@ -28,6 +28,7 @@ import uvicorn
 
 from .cli import (
     _WORKER_ENV,
+    DEFAULT_DRAIN_S,
     _CLIError,
     _cwd_on_path,
     _exit_code,
@@ -247,6 +248,9 @@ def check_server(server: ServerName) -> None:
 def run_workers(
     target: _Target, args: argparse.Namespace, address: tuple[str, int], server: ServerName
 ) -> int:
+    if args.timeout_graceful_shutdown is None:
+        # The servers' process managers need a number before the deployment exists.
+        args.timeout_graceful_shutdown = DEFAULT_DRAIN_S
     with shared_directory() as metrics_dir:
         return _run_workers(target, args, address, server, metrics_dir)
 

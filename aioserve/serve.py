@@ -309,12 +309,14 @@ class Serve:
             self.system_port = system_sock.getsockname()[1]
             self._servers.append(system)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, drain_timeout_s: float | None = None) -> None:
         """Shut down: stop admitting, drain, stop what is left, stop the server. Idempotent.
 
         In order: new HTTP requests get 503 and new top-level handle calls ``ServeShutdown``
         (calls made by requests in flight are still served, so those requests can finish); the
-        backends drain for up to the longest ``graceful_shutdown_timeout_s``; whatever still runs
+        backends drain for up to the longest ``graceful_shutdown_timeout_s`` (or
+        ``drain_timeout_s`` when given: ``aioserve run --timeout-graceful-shutdown``); whatever
+        still runs
         then is stopped, so its callers get ``ReplicaStopped`` (HTTP 503) at once, even a sync
         handler stuck in its thread (the thread is a daemon and cannot hold the process); then
         the server stops (open responses get uvicorn's 5 s). So shutdown takes at most the
@@ -327,7 +329,7 @@ class Serve:
         try:
             self.begin_shutdown()
             async with self._lock:  # a control call under way finishes first
-                await self._drain()
+                await self._drain(drain_timeout_s)
                 await asyncio.gather(*(b.aclose(force=True) for b in list(self._backends.values())))
                 await asyncio.gather(*(server.stop() for server in self._servers))
                 await self._deletions.join()
@@ -341,12 +343,17 @@ class Serve:
             self._router.state = Lifecycle.STOPPED
             self._closed.set_result(None)
 
-    async def _drain(self) -> None:
-        """Wait until no backend has work, for up to the longest graceful_shutdown_timeout_s."""
+    async def _drain(self, timeout_s: float | None = None) -> None:
+        """Wait until no backend has work, for up to ``timeout_s``, by default the longest
+        graceful_shutdown_timeout_s."""
         backends = list(self._backends.values())
         if all(b.idle for b in backends):
             return
-        timeout = max((b.config.graceful_shutdown_timeout_s for b in backends), default=0.0)
+        timeout = (
+            max((b.config.graceful_shutdown_timeout_s for b in backends), default=0.0)
+            if timeout_s is None
+            else timeout_s
+        )
         logger.info(
             "Draining %d request(s) for up to %.1f s.", sum(b.load for b in backends), timeout
         )

@@ -126,6 +126,25 @@ def test_sigterm_with_a_stuck_handler_exits_within_the_graceful_timeout(
     assert "Exception in ASGI application" not in server.stderr
 
 
+def test_the_graceful_timeout_flag_bounds_the_drain_in_one_process(
+    run: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MARKS", str(tmp_path))
+    monkeypatch.setenv("GRACE", "60")  # the backend's own timeout: the flag overrides it
+    server = start(run, tmp_path, "setup_stuck", "--port", "0", "--timeout-graceful-shutdown", "1")
+    url = server.url()
+    thread, answer = get_in_thread(f"{url}/stuck")
+    until(lambda: (tmp_path / "entered").exists(), "the handler is stuck in its thread")
+    started = time.monotonic()
+    code = server.stop(signal.SIGTERM)
+    took = time.monotonic() - started
+    thread.join(10)
+    assert code == 0
+    assert 0.9 < took < 4.0, took
+    assert "Draining 1 request(s) for up to 1.0 s." in server.stderr
+    assert isinstance(answer[0], httpx.Response) and answer[0].status_code == 503
+
+
 def test_a_second_signal_exits_at_once(
     run: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
