@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from ._types import ASGI_METHOD
 from .batching import accepts_batches
 from .config import BackendConfig
 from .exceptions import ConfigError, ConfigTypeError, MethodNotFound
@@ -74,9 +75,15 @@ class UserCallable:
     ) -> None:
         if inspect.isclass(target):
             self.is_class = True
-            call = getattr(target, "__call__", None)  # noqa: B004
-            # A class without __call__ is allowed: it is reached through method names only.
-            self.kind = kind_of(call) if call is not None else Kind.SYNC
+            # A class without __call__ is allowed: it is reached through method names only (an
+            # @serve.ingress class through its app, which is async).
+            call = _own_call(target)
+            # The FastAPI app of an @serve.ingress class (its endpoints' routes are prefixes).
+            self.ingress: Any = ingress_app(target)
+            if call is not None:
+                self.kind = kind_of(call)
+            else:
+                self.kind = Kind.ASYNC if self.ingress is not None else Kind.SYNC
         elif callable(target):
             if not (inspect.isroutine(target) or isinstance(target, functools.partial)):
                 cls = type(target).__name__
@@ -92,6 +99,7 @@ class UserCallable:
                 )
             self.is_class = False
             self.kind = kind_of(target)
+            self.ingress = None
         else:
             raise ConfigTypeError(
                 f"create_backend takes a function, a class or an import path string, got "
@@ -115,8 +123,6 @@ class UserCallable:
         self.from_import_path = from_import_path
         self.has_reconfigure = self.is_class and callable(getattr(target, "reconfigure", None))
         self.uses_batch_decorator = _uses_batch_decorator(target)
-        # The FastAPI app of a class decorated with @serve.ingress (its endpoints are prefixes).
-        self.ingress: Any = ingress_app(target)
         self._modes: dict[tuple[Any, ...], _Mode] = {}
         self._method_batches: dict[str | None, bool] = {}
 
@@ -148,7 +154,9 @@ class UserCallable:
         """Whether calls to ``method`` (None: the default entry point) take lists."""
         cached = self._method_batches.get(method)
         if cached is None:
-            if not self.accepts_batches and self.from_import_path:
+            if method == ASGI_METHOD:
+                cached = False  # a connection to an ingress app: never part of a batch
+            elif not self.accepts_batches and self.from_import_path:
                 cached = True  # every method, when its config batches (batches_with)
             elif not self.is_class:
                 cached = self.accepts_batches
@@ -270,7 +278,7 @@ def bind_method(obj: Any, method: str | None, user_callable: UserCallable, backe
         return obj
     cls = type(obj)
     if method is None or method == "__call__":
-        if callable(inspect.getattr_static(cls, "__call__", None)):
+        if _own_call(cls) is not None:
             return obj.__call__
         name = "__call__"
     elif _reachable(cls, method):
@@ -283,6 +291,16 @@ def bind_method(obj: Any, method: str | None, user_callable: UserCallable, backe
         f"called. Its public methods: {', '.join(public) or 'none'}.",
         method_name=name,
     )
+
+
+def _own_call(cls: type) -> Any:
+    """The ``__call__`` a class defines (or inherits from a class of the user's), or None: not
+    the one every class has from its metaclass."""
+    for klass in cls.__mro__:
+        if klass is not object and "__call__" in vars(klass):
+            call = vars(klass)["__call__"]
+            return call if callable(call) else None
+    return None
 
 
 class PythonRequest:

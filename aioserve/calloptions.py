@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ._types import ASGI_METHOD
 from .exceptions import ConfigError, ConfigTypeError
 
 __all__ = ["UNSET", "HandleOptions", "check_http_method", "check_slo", "deadline_from"]
@@ -93,6 +94,11 @@ class HandleOptions:
     ) -> None:
         if method_name is not None and not isinstance(method_name, str):
             raise ConfigTypeError(f"method_name must be a str or None, got {method_name!r}.")
+        if method_name == ASGI_METHOD:
+            raise ConfigError(
+                f"method_name {method_name!r} is reserved: it hands an HTTP connection to an "
+                f"@serve.ingress app. Call the class's methods by their own names."
+            )
         if shard_key is not None and not isinstance(shard_key, str | int | bytes):
             raise ConfigTypeError(f"shard_key must be a str or None, got {shard_key!r}.")
         if http_headers is not None and (

@@ -97,6 +97,7 @@ def _plain(status: int, text: str, headers: Mapping[str, str] | None = None) -> 
 
 SystemRoute = Callable[[Request], Awaitable[Response]]
 _RUNNING = Lifecycle.RUNNING
+_FIRST = asyncio.FIRST_COMPLETED
 
 
 class HTTPApp:
@@ -130,6 +131,7 @@ class HTTPApp:
         self._watchers = TaskOwner("HTTP disconnect watchers")
         self._in_flight: set[Inbox] = set()
         self._sweep_timer: asyncio.TimerHandle | None = None
+        self._going_away: asyncio.Future[None] | None = None
         self.system_routes: dict[str, SystemRoute] = {
             "/-/routes": self._routes_json,
             "/-/healthz": self._healthz,
@@ -326,10 +328,15 @@ class HTTPApp:
             await send({"type": "websocket.close", "code": 1000})
             return
         request_id = new_request_id()
+        shard_key = None
         for key, value in scope["headers"]:
             if key == b"x-request-id" and _REQUEST_ID.fullmatch(value):
                 request_id = value.decode("latin-1")
-        call = Call(endpoint.name, method=ASGI_METHOD, request_id=request_id, web=True)
+            elif key == b"x-serve-shard-key":
+                shard_key = value.decode("latin-1")
+        call = Call(
+            endpoint.name, method=ASGI_METHOD, shard_key=shard_key, request_id=request_id, web=True
+        )
         token = call_var.set(call)
         try:
             await self._ingress(scope, receive, send, endpoint, call)
@@ -352,7 +359,14 @@ class HTTPApp:
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), header]}
+                headers = message.get("headers", ())
+                if not any(key.lower() == b"x-request-id" for key, _ in headers):
+                    message = {**message, "headers": [*headers, header]}
+            elif kind == "http.response.body":
+                if inbox is not None and not message.get("more_body", False):
+                    # Answered: the client leaving now cancels nothing (background tasks of the
+                    # app still run, and the request counts as served).
+                    inbox.stop()
             elif kind == "websocket.accept":
                 status = 101
             elif kind == "websocket.close":
@@ -360,15 +374,41 @@ class HTTPApp:
                 status = status or 403
             await send(message)
 
-        root = scope.get("root_path", "")
-        child = dict(scope)
-        child["app_root_path"] = scope.get("app_root_path", root)
-        child["root_path"] = root + (endpoint.route or "").rstrip("/")
+        # The app is mounted at the endpoint's route: its own root (url_for, base_url, docs)
+        # and its own router (not a host app's, when aioserve is itself mounted in one).
+        child = {key: value for key, value in scope.items() if key != "router"}
+        child["root_path"] = child["app_root_path"] = scope.get("root_path", "") + (
+            endpoint.route or ""
+        ).rstrip("/")
+        scope["aioserve.request_id"] = call.request_id  # the access log's 499 line
         task = current_task(self.loop)
         assert task is not None  # an ASGI app always runs in a task
         inbox: Inbox | None = None
         if websocket:
-            call.args = (child, receive, send_out)
+            going_away = self._going_away_signal()
+
+            async def receive_until_shutdown() -> Message:
+                # Until accepted: the handshake. Then each message, unless the instance starts
+                # shutting down first: the client is told "going away" (1001) and the app sees
+                # it leave, so a drain never waits for a socket that stays open.
+                if status == 101 and not going_away.done():
+                    message = asyncio.ensure_future(receive())
+                    try:
+                        await asyncio.wait((message, going_away), return_when=_FIRST)
+                    except BaseException:
+                        message.cancel()
+                        raise
+                    if message.done():
+                        return message.result()
+                    message.cancel()
+                elif status != 101:
+                    return await receive()
+                if not closed:
+                    with contextlib.suppress(Exception):
+                        await send_out({"type": "websocket.close", "code": 1001})
+                return {"type": "websocket.disconnect", "code": 1001}
+
+            call.args = (child, receive_until_shutdown, send_out)
         else:
             inbox = Inbox(task, receive, self._watchers, self._max_body_bytes)
             call.args = (child, _body_limit_as_413(inbox.receive), send_out)
@@ -425,6 +465,19 @@ class HTTPApp:
                 response = self.error_response(error)
                 response.raw_headers.append(header)
                 await response(scope, receive, send)
+
+    def _going_away_signal(self) -> asyncio.Future[None]:
+        """Done once the instance starts shutting down (see :meth:`begin_shutdown`)."""
+        if self._going_away is None:
+            self._going_away = asyncio.get_running_loop().create_future()
+        return self._going_away
+
+    def begin_shutdown(self) -> None:
+        """The instance stops admitting: open WebSockets of ingress apps are closed (1001)."""
+        if self._going_away is None and self.loop is not None:
+            self._going_away = self.loop.create_future()
+        if self._going_away is not None and not self._going_away.done():
+            self._going_away.set_result(None)
 
     def _sweep(self) -> None:
         """Start watching requests that have run for a sweep interval; one timer per app."""

@@ -48,6 +48,9 @@ __all__ = ["INGRESS_ATTR", "ingress", "ingress_app", "replica_thread"]
 
 # The attribute a decorated class carries: the ASGI app its replicas serve.
 INGRESS_ATTR = "__serve_ingress__"
+# The attribute the app (or router) carries: the one class it serves; and the class's FastAPI app.
+_OWNER_ATTR = "_aioserve_ingress_class"
+_FASTAPI_ATTR = "__serve_ingress_fastapi__"
 
 _C = TypeVar("_C", bound=type)
 
@@ -59,10 +62,17 @@ replica_thread: contextvars.ContextVar[Callable[[Callable[[], Any]], Awaitable[A
 
 
 def ingress_app(target: Any) -> Any:
-    """The ASGI app a class decorated with :func:`ingress` serves, or None."""
+    """The ASGI app a class decorated with :func:`ingress` serves, or None.
+
+    Routes of the class added to the app after it was decorated (an ``APIRouter`` included at
+    the end of the module, say) are bound now, when a backend is made of the class.
+    """
     if not inspect.isclass(target):
         return None
-    return getattr(target, INGRESS_ATTR, None)
+    app = getattr(target, INGRESS_ATTR, None)
+    if app is not None:
+        _bind_routes(getattr(target, _FASTAPI_ATTR).router, target)
+    return app
 
 
 def ingress(app: Any) -> Callable[[_C], _C]:
@@ -89,6 +99,13 @@ def ingress(app: Any) -> Callable[[_C], _C]:
                 f"@serve.ingress(app) decorates a class, got {type(cls).__name__}: {cls!r}. "
                 f"Put the route functions in a class and decorate the class."
             )
+        owner = getattr(app, _OWNER_ATTR, None)
+        if owner is not None and owner is not cls:
+            raise ConfigTypeError(
+                f"This FastAPI app already serves the class {owner.__qualname__}; "
+                f"{cls.__qualname__} needs an app (or APIRouter) of its own: each replica runs "
+                f"the whole app with its own instance as self."
+            )
         if isinstance(app, FastAPI):
             served = app
             router = app.router
@@ -96,12 +113,29 @@ def ingress(app: Any) -> Callable[[_C], _C]:
             served = FastAPI()
             router = app
         _bind_routes(router, cls)
+        setattr(app, _OWNER_ATTR, cls)
         if served is not app:
             served.include_router(router)
-        setattr(cls, INGRESS_ATTR, served)
+        setattr(cls, _FASTAPI_ATTR, served)
+        setattr(cls, INGRESS_ATTR, _ending_quietly(served))
         return cls
 
     return decorator
+
+
+def _ending_quietly(app: Any) -> Any:
+    """``app``, for which a WebSocket closed by its client (or by a shutdown) while a route
+    waits for it is how the connection ends, not an error of the route."""
+    from starlette.websockets import WebSocketDisconnect
+
+    async def serve_app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        except WebSocketDisconnect:
+            if scope["type"] != "websocket":
+                raise
+
+    return serve_app
 
 
 async def _servable_object() -> Any:
@@ -133,17 +167,34 @@ def _bind_routes(router: Any, cls: type) -> None:
 
     functions = _class_functions(cls)
     routes = router.routes
+    changed = False
     for index, route in enumerate(routes):
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            # A router included as it is (FastAPI >= 0.16x includes lazily): its own routes.
+            _bind_routes(included, cls)
+            continue
         if not isinstance(route, (APIRoute, APIWebSocketRoute)):
             continue
         if id(route.endpoint) not in functions:
             continue
         route_type = type(route)
-        # Every parameter of the route's constructor is kept on the route under its own name.
+        # Every parameter of the route's constructor is kept on the route under its own name,
+        # but for a WebSocket route's dependency_overrides_provider: the router's (the app).
         params = list(inspect.signature(route_type.__init__).parameters)[1:]
         kwargs = {name: getattr(route, name) for name in params if hasattr(route, name)}
+        if "dependency_overrides_provider" in params and not hasattr(
+            route, "dependency_overrides_provider"
+        ):
+            kwargs["dependency_overrides_provider"] = getattr(
+                router, "dependency_overrides_provider", None
+            )
         kwargs["endpoint"] = _bind_self(route.endpoint, cls)
         routes[index] = route_type(**kwargs)
+        changed = True
+    mark_changed = getattr(router, "_mark_routes_changed", None)
+    if changed and mark_changed is not None:
+        mark_changed()  # FastAPI versions that cache the routes of included routers
 
 
 def _bind_self(fn: Callable[..., Any], cls: type) -> Callable[..., Any]:

@@ -221,6 +221,16 @@ class Router:
         backend = self._backends.get(backend_tag)
         return backend is not None and backend.callable.ingress is not None
 
+    def check_shadow(self, endpoint: Endpoint, backend_tag: str) -> None:
+        """:class:`ConfigError` if ``backend_tag`` cannot shadow ``endpoint``: requests to or from
+        ``@serve.ingress`` backends cannot be copied."""
+        if endpoint.ingress or self.is_ingress(backend_tag):
+            raise ConfigError(
+                f"Cannot shadow endpoint {endpoint.name!r} to backend {backend_tag!r}: requests "
+                f"to or from @serve.ingress backends cannot be copied (their body is streamed to "
+                f"the app)."
+            )
+
     def _ingress_traffic(self, endpoint: Endpoint, traffic: Mapping[str, float]) -> bool:
         ingress = sorted(tag for tag in traffic if self.is_ingress(tag))
         if not ingress:
@@ -239,7 +249,17 @@ class Router:
                 f"@serve.ingress backends cannot be copied (their body is streamed to the app). "
                 f"Remove the shadows first."
             )
-        if endpoint.route is not None and "{" in endpoint.route:
+        route = endpoint.route
+        if route is not None:
+            prefix = route.rstrip("/")
+            for prefix_taken, other in self._prefixes:
+                if other is not endpoint and prefix_taken == prefix:
+                    raise ConfigError(
+                        f"Endpoint {endpoint.name!r}: its route {route!r} is the same prefix as "
+                        f"the route {other.route!r} of endpoint {other.name!r}, also served by "
+                        f"@serve.ingress backends. Give it another route."
+                    )
+        if route is not None and "{" in route:
             raise ConfigError(
                 f"Endpoint {endpoint.name!r}: the route {endpoint.route!r} has parameters, and "
                 f"the route of an endpoint served by @serve.ingress backends is a prefix. Give "

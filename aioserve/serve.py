@@ -251,6 +251,7 @@ class Serve:
         first; for a signal handler that must not wait. Idempotent."""
         if self.state is Lifecycle.RUNNING:
             self._router.state = Lifecycle.DRAINING
+            self._http.begin_shutdown()
 
     async def _restore(self, snapshot: ControlState) -> None:
         """Recreate the checkpointed backends and endpoints (without re-saving each step)."""
@@ -581,12 +582,8 @@ class Serve:
             endpoint = self._endpoint(endpoint_name)
             self._backend(backend_tag)
             value = validate_shadow_proportion(proportion)
-            if value and (endpoint.ingress or self._router.is_ingress(backend_tag)):
-                raise ConfigError(
-                    f"Cannot shadow endpoint {endpoint_name!r} to backend {backend_tag!r}: "
-                    f"requests to or from @serve.ingress backends cannot be copied (their body "
-                    f"is streamed to the app)."
-                )
+            if value:
+                self._router.check_shadow(endpoint, backend_tag)
             shadows = dict(endpoint.shadows)
             if value == 0:
                 shadows.pop(backend_tag, None)

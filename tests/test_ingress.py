@@ -6,12 +6,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from _sample_backends import Gate, until_queued, wait_until
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, WebSocket
+from _sample_backends import HANG_GUARD_S, Gate, until_queued, wait_until
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Request,
+    WebSocket,
+)
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from websockets.asyncio.client import connect as websocket_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -366,3 +377,204 @@ async def test_a_websocket_handler_that_raises_is_closed_with_1011(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
     # The close may reach the client before the server's task logs the error.
     await wait_until(lambda: "the socket handler broke" in caplog.text, "the error is logged")
+
+
+# -- what an independent review found -------------------------------------------------------------
+
+extras_app = FastAPI()
+
+
+@serve.ingress(extras_app)
+class Extras:
+    def __init__(self, done: asyncio.Queue[str] | None = None) -> None:
+        self.done = done
+
+    async def _record(self, what: str) -> None:
+        await asyncio.sleep(0)  # a task that outlives the response by a loop turn at least
+        assert self.done is not None
+        self.done.put_nowait(what)
+
+    @extras_app.get("/background")
+    async def background(self, tasks: BackgroundTasks) -> str:
+        tasks.add_task(self._record, "background ran")
+        return "answered"
+
+    @extras_app.get("/stream")
+    async def stream(self) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(3):
+                yield f"{i};".encode()
+
+        return StreamingResponse(chunks())
+
+    @extras_app.get("/where", name="where")
+    async def where(self, request: Request) -> dict[str, str]:
+        return {"url_for": str(request.url_for("where")), "base": str(request.base_url)}
+
+    @extras_app.get("/own-id")
+    async def own_id(self) -> JSONResponse:
+        return JSONResponse("mine", headers={"X-Request-ID": "app-chosen"})
+
+    @extras_app.websocket("/hold")
+    async def hold(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("open")
+        await websocket.receive_text()  # until the client, or a shutdown, closes it
+
+
+late_router = APIRouter(prefix="/late")
+
+
+@late_router.get("/added")
+def added_after(self: Any) -> str:
+    return type(self).__name__
+
+
+Extras.added_after = added_after  # type: ignore[attr-defined]
+extras_app.include_router(late_router)  # after the class was decorated
+
+
+async def test_background_tasks_run_and_every_request_counts(served: Serve) -> None:
+    done: asyncio.Queue[str] = asyncio.Queue()
+    await served.create_backend("extras", Extras, done)
+    await served.create_endpoint("extras", backend="extras", route="/x")
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        assert (await http.get("/x/background")).text == '"answered"'
+        assert await asyncio.wait_for(done.get(), HANG_GUARD_S) == "background ran"
+        assert (await http.get("/x/stream")).text == "0;1;2;"
+    await wait_until(
+        lambda: served.stat()["backends"]["extras"]["num_requests"] == 2, "both requests counted"
+    )
+    assert served.stat()["backends"]["extras"]["num_errors"] == 0
+
+
+async def test_url_for_and_the_request_id_under_the_prefix(server_name: str) -> None:
+    options = {"host": "127.0.0.1", "port": 0, "server": server_name, "root_path": "/base"}
+    async with Serve(http_options=options) as instance:
+        await instance.create_backend("extras", Extras)
+        await instance.create_endpoint("extras", backend="extras", route="/x")
+        async with httpx.AsyncClient(base_url=instance.url) as http:
+            where = (await http.get("/x/where")).json()
+            own = await http.get("/x/own-id")
+    assert where["url_for"].endswith("/base/x/where")
+    assert where["base"].endswith("/base/x/")
+    assert own.headers.get_list("x-request-id") == ["app-chosen"]  # the app's own, once
+
+
+async def test_url_for_inside_aioserve_mounted_in_a_host_app() -> None:
+    instance = Serve(http_options={"location": "NoServer"})
+    host = FastAPI()
+    host.mount("/models", instance.asgi_app)
+    async with instance:
+        await instance.create_backend("extras", Extras)
+        await instance.create_endpoint("extras", backend="extras", route="/x")
+        transport = httpx.ASGITransport(app=host)
+        async with httpx.AsyncClient(transport=transport, base_url="http://host") as http:
+            answer = await http.get("/models/x/where")
+    assert answer.status_code == 200
+    assert answer.json()["url_for"] == "http://host/models/x/where"
+
+
+async def test_routes_added_after_the_decorator_are_bound(
+    serve: Serve, http: httpx.AsyncClient
+) -> None:
+    await serve.create_backend("extras", Extras)
+    await serve.create_endpoint("extras", backend="extras", route="/x")
+    assert (await http.get("/x/late/added")).json() == "Extras"
+    schema = (await http.get("/x/openapi.json")).json()
+    assert "parameters" not in schema["paths"]["/late/added"]["get"]  # no "self" query parameter
+
+
+async def test_shutdown_closes_open_websockets_going_away(
+    server_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = {"host": "127.0.0.1", "port": 0, "server": server_name}
+    instance = Serve(http_options=options)
+    async with instance:
+        await instance.create_backend("extras", Extras, config={"graceful_shutdown_timeout_s": 60})
+        await instance.create_endpoint("extras", backend="extras", route="/x")
+        url = str(instance.url).replace("http://", "ws://")
+        async with websocket_connect(f"{url}/x/hold") as websocket:
+            assert await websocket.recv() == "open"
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            closing = asyncio.ensure_future(instance.aclose())
+            with pytest.raises(ConnectionClosed) as closed:
+                await websocket.recv()
+            await asyncio.wait_for(closing, HANG_GUARD_S)
+            took = loop.time() - started
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert took < 10  # not the 60 s graceful timeout: the socket was told to go away
+    assert "failed" not in caplog.text
+
+
+async def test_the_asgi_entry_is_not_a_method_name() -> None:
+    async with Serve(http_options={"location": "NoServer"}) as instance:
+        await instance.create_backend("clf", Classifier)
+        await instance.create_endpoint("clf", backend="clf")
+        handle = instance.get_handle("clf")
+        with pytest.raises(ConfigError, match="reserved"):
+            handle.options(method_name="__asgi__")
+        with pytest.raises(serve.MethodNotFound, match="has no method '__call__'"):
+            await handle.remote()
+
+
+async def test_an_ingress_class_by_import_path_with_batching_config_serves() -> None:
+    async with Serve(http_options={"location": "NoServer"}) as instance:
+        # An import path: taken to accept batches (1.3), but the app's connections never batch.
+        await instance.create_backend(
+            "clf", "test_ingress:Classifier", 2, config={"max_batch_size": 4}
+        )
+        await instance.create_endpoint("clf", backend="clf", route="/clf")
+        transport = httpx.ASGITransport(app=instance.asgi_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://a") as http:
+            assert (await http.get("/clf/items/1")).json()["factor"] == 2
+
+
+def test_one_app_serves_one_class() -> None:
+    with pytest.raises(ConfigTypeError, match="already serves the class Classifier"):
+
+        @serve.ingress(classifier_app)
+        class Another:
+            pass
+
+
+async def test_two_ingress_endpoints_cannot_share_a_prefix(serve: Serve) -> None:
+    await serve.create_backend("clf", Classifier)
+    await serve.create_endpoint("clf", backend="clf", route="/clf")
+    with pytest.raises(ConfigError, match="same prefix"):
+        await serve.create_endpoint("clf2", backend="clf", route="/clf/")
+    assert "clf2" not in serve.list_endpoints()
+
+
+def real_source() -> str:
+    return "real"
+
+
+overridden_app = FastAPI()
+
+
+@serve.ingress(overridden_app)
+class Overridden:
+    @overridden_app.get("/http")
+    async def http_source(self, source: str = Depends(real_source)) -> str:
+        return source
+
+    @overridden_app.websocket("/ws")
+    async def ws_source(self, websocket: WebSocket, source: str = Depends(real_source)) -> None:
+        await websocket.accept()
+        await websocket.send_text(source)
+        await websocket.close()
+
+
+overridden_app.dependency_overrides[real_source] = lambda: "overridden"
+
+
+async def test_dependency_overrides_apply_to_http_and_websocket_routes(served: Serve) -> None:
+    await served.create_backend("o", Overridden)
+    await served.create_endpoint("o", backend="o", route="/o")
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        assert (await http.get("/o/http")).json() == "overridden"
+    url = served.url.replace("http://", "ws://")
+    async with websocket_connect(f"{url}/o/ws") as websocket:
+        assert await websocket.recv() == "overridden"
