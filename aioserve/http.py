@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import re
-import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from ._concurrency import TaskOwner, current_task
 from ._types import ASGI_METHOD, Call, Lifecycle, Message, Receive, Scope, Send, new_request_id
@@ -32,13 +29,10 @@ from .exceptions import (
     BodyTooLarge,
     ConfigError,
     DeadlineExceeded,
-    EndpointNotFound,
-    MethodNotFound,
-    NoTraffic,
     Overloaded,
-    ReplicaStopped,
     ServeShutdown,
 )
+from .httperrors import body_limit_as_413, error_response, plain
 from .inbox import Inbox, ServeRequest
 from .responses import to_response
 
@@ -55,31 +49,6 @@ WATCH_RUNNING_AFTER_S = 0.05
 
 # An X-Request-ID a client sends is echoed only if it is short, visible ASCII; else a new one.
 _REQUEST_ID = re.compile(rb"[!-~]{1,128}")
-MAX_ERROR_CHARS = 1000
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-def _clean(text: str) -> str:
-    """Error text fit for a response body: no control characters, bounded length."""
-    text = _CONTROL.sub(" ", text)
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[: MAX_ERROR_CHARS - 1] + "…"
-    return text
-
-
-# The one status table of the HTTP edge; the first matching class wins.
-_STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (BodyTooLarge, 413),
-    (json.JSONDecodeError, 400),
-    (UnicodeDecodeError, 400),
-    (DeadlineExceeded, 504),
-    (Overloaded, 503),
-    (NoTraffic, 503),
-    (ServeShutdown, 503),
-    (ReplicaStopped, 503),
-    (EndpointNotFound, 404),
-    (MethodNotFound, 404),
-)
 
 
 def route_path(scope: Scope) -> str:
@@ -89,10 +58,6 @@ def route_path(scope: Scope) -> str:
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         return path[len(root) :] or "/"
     return path
-
-
-def _plain(status: int, text: str, headers: Mapping[str, str] | None = None) -> Response:
-    return PlainTextResponse(text, status_code=status, headers=headers)
 
 
 SystemRoute = Callable[[Request], Awaitable[Response]]
@@ -174,7 +139,7 @@ class HTTPApp:
         response = (
             await system(Request(scope, receive))
             if system is not None
-            else _plain(404, f"No system route {path!r}. See GET /-/routes.")
+            else plain(404, f"No system route {path!r}. See GET /-/routes.")
         )
         await response(scope, receive, send)
 
@@ -184,7 +149,7 @@ class HTTPApp:
             if self.serves_system_routes:
                 await self._system(path, scope, receive, send)
             else:
-                await _plain(404, f"No endpoint is served at {path!r}.")(scope, receive, send)
+                await plain(404, f"No endpoint is served at {path!r}.")(scope, receive, send)
             return
         method_name = shard_key = request_id = None
         content_length = -1
@@ -202,7 +167,7 @@ class HTTPApp:
             elif key == b"content-length" and value.isdigit():
                 content_length = int(value)
         if len(headers) > self._max_headers or header_bytes > self._max_header_bytes:
-            response = _plain(
+            response = plain(
                 431,
                 f"The request headers are too large: {len(headers)} header(s), {header_bytes} "
                 f"bytes; this server takes at most {self._max_headers} and "
@@ -232,24 +197,24 @@ class HTTPApp:
             users_own = False
             if endpoint is None:
                 if not running:
-                    response = _plain(503, "This aioserve instance is not running.")
+                    response = plain(503, "This aioserve instance is not running.")
                 elif not router.ready:
                     # Still being built (aioserve run, a reload): the route may come in a moment.
-                    response = _plain(
+                    response = plain(
                         503,
                         "This aioserve instance is starting: its deployment is not in place "
                         "yet. See GET /-/ready.",
                         {"Retry-After": "1"},
                     )
                 else:
-                    response = _plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")
+                    response = plain(404, f"No endpoint is served at {path!r}. See GET /-/routes.")
             elif endpoint.ingress:
                 call.method = ASGI_METHOD
                 await self._ingress(scope, receive, send, endpoint, call)
                 return
             elif scope["method"] not in endpoint.http_methods:
                 allow = ", ".join(sorted(endpoint.http_methods))
-                response = _plain(
+                response = plain(
                     405,
                     f"Method {scope['method']} is not allowed at {path!r} (endpoint "
                     f"{endpoint.name!r} takes {allow}). See GET /-/routes.",
@@ -411,7 +376,7 @@ class HTTPApp:
             call.args = (child, receive_until_shutdown, send_out)
         else:
             inbox = Inbox(task, receive, self._watchers, self._max_body_bytes)
-            call.args = (child, _body_limit_as_413(inbox.receive), send_out)
+            call.args = (child, body_limit_as_413(inbox.receive), send_out)
         error: Exception | None = None
         try:
             query = scope.get("query_string", b"")
@@ -493,31 +458,9 @@ class HTTPApp:
             )
 
     def error_response(self, exc: Exception) -> Response:
-        """The response for an error raised while serving a request (the one status table).
-
-        The body names the error's type and message (control characters replaced, at most
-        ``MAX_ERROR_CHARS``); the traceback only in debug mode, and in the log for a 500.
-        """
-        if isinstance(exc, HTTPException):
-            return _plain(exc.status_code, _clean(str(exc.detail)), exc.headers)
-        for cls, status in _STATUS:
-            if isinstance(exc, cls):
-                logger.debug("Request failed with %d: %r", status, exc)
-                headers = None
-                if isinstance(exc, Overloaded):
-                    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-                if isinstance(exc, MethodNotFound):
-                    # The handle caller's message lists the class's methods; a client's does not.
-                    text = f"No method {exc.method_name!r} is served by this endpoint."
-                    return _plain(status, _clean(f"MethodNotFound: {text}"))
-                if status == 400:
-                    return _plain(400, _clean(f"The request body cannot be decoded: {exc}"))
-                return _plain(status, _clean(f"{type(exc).__name__}: {exc}"), headers)
-        logger.error("Request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-        text = _clean(f"{type(exc).__name__}: {exc}")
-        if self.debug:
-            text += "\n\n" + "".join(traceback.format_exception(exc))
-        return _plain(500, text)
+        """The response for an error raised while serving a request (the one status table:
+        :mod:`aioserve.httperrors`)."""
+        return error_response(exc, debug=self.debug)
 
     # -- system routes --------------------------------------------------------------------------
 
@@ -544,16 +487,16 @@ class HTTPApp:
         # Liveness: the instance runs (also while its deployment is built, and while it drains).
         state = self._router.state
         if state is _RUNNING or state is Lifecycle.DRAINING:
-            return _plain(200, "success")
-        return _plain(503, f"not running: {state.value}")
+            return plain(200, "success")
+        return plain(503, f"not running: {state.value}")
 
     async def _ready(self, request: Request) -> Response:
         # Readiness: send traffic here (the deployment is in place and not draining).
         router = self._router
         if router.state is _RUNNING and router.ready:
-            return _plain(200, "ready")
+            return plain(200, "ready")
         state = router.state.value if router.state is not _RUNNING else "starting"
-        return _plain(503, f"not ready: {state}")
+        return plain(503, f"not ready: {state}")
 
 
 def _send_with_header(send: Send, header: tuple[bytes, bytes]) -> Send:
@@ -563,19 +506,6 @@ def _send_with_header(send: Send, header: tuple[bytes, bytes]) -> Send:
         await send(message)
 
     return send_with_header
-
-
-def _body_limit_as_413(receive: Receive) -> Receive:
-    """``receive`` for an ingress app: a body past the limit is Starlette's HTTPException 413,
-    which FastAPI passes on (it turns other errors of the body into 400)."""
-
-    async def receive_within_limit() -> Message:
-        try:
-            return await receive()
-        except BodyTooLarge as exc:
-            raise HTTPException(413, str(exc)) from None
-
-    return receive_within_limit
 
 
 def _deadline_from_query(query: bytes) -> float | None:

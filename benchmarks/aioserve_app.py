@@ -24,9 +24,10 @@ With ``--server granian`` it is aioserve's own granian server, as ``http_options
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import uvicorn
@@ -109,7 +110,9 @@ async def run_uvicorn(app: Any, port: int, loop: str, http: str) -> None:
     await server.serve()
 
 
-async def serve_forever_on_granian(port: int, extra_endpoints: int) -> None:
+async def serve_forever_on_granian(
+    port: int, build_app: Callable[[aioserve.Serve], Awaitable[None]]
+) -> None:
     """Run aioserve behind its own granian server (``aioserve.servers.GranianServer``, what
     ``http_options={"server": "granian"}`` starts) on 127.0.0.1:``port`` until SIGTERM or SIGINT.
 
@@ -117,7 +120,7 @@ async def serve_forever_on_granian(port: int, extra_endpoints: int) -> None:
     (``/-/healthz``) means every route is served.
     """
     async with aioserve.Serve(http_options={"location": "NoServer"}) as serve:
-        await build(serve, extra_endpoints)
+        await build_app(serve)
         options = aioserve.HTTPOptions(host=LOCAL_HOST, port=port, server="granian")
         server = servers.make_server(serve.asgi_app, servers.bind(LOCAL_HOST, port), options)
         owner = TaskOwner("benchmark server")
@@ -149,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--extra-endpoints must be at least 0, got {args.extra_endpoints!r}.")
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         if args.server == "granian":
-            runner.run(serve_forever_on_granian(args.port, args.extra_endpoints))
+            build_app = functools.partial(build, extra_endpoints=args.extra_endpoints)
+            runner.run(serve_forever_on_granian(args.port, build_app))
         else:
             runner.run(serve_forever(args.port, args.loop, args.http, args.extra_endpoints))
     return 0

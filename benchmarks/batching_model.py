@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from benchmarks._harness import (
     LOCAL_HOST,
+    SERVERS,
     LoadError,
     LoadResult,
     RunLength,
@@ -38,6 +39,7 @@ from benchmarks._harness import (
     add_run_options,
     alternate,
     default_threads,
+    describe_granian,
     describe_load_tool,
     describe_uvicorn,
     format_rps,
@@ -83,6 +85,7 @@ class Options:
     connections: tuple[int, ...]
     check: bool
     tool: str
+    server: str = "uvicorn"
 
 
 @dataclass(frozen=True)
@@ -187,8 +190,13 @@ def mean_batch(batches: Sequence[tuple[float, float]]) -> float:
     return sum(n for n, _ in batches) / count if count else math.nan
 
 
+def describe_server(server: str) -> str:
+    settings = uvicorn_settings(server)
+    return describe_granian(settings) if server == "granian" else describe_uvicorn(settings)
+
+
 def measure(options: Options) -> list[Row]:
-    settings = uvicorn_settings()
+    settings = uvicorn_settings(options.server)
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
         servers: dict[str, ServerProcess] = {}
@@ -275,7 +283,7 @@ def render_report(rows: Sequence[Row], options: Options, cost: ModelCost) -> str
         "sync `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)` method behind the "
         "example's preprocessing backend and a handle (`examples/digits`) vs a bare Starlette "
         "route calling the same model once per request in its threadpool. "
-        f"{describe_uvicorn(uvicorn_settings())}; load: "
+        f"{describe_server(options.server)}; load: "
         f"{describe_load_tool(resolve_load_tool(options.tool))}; {options.duration_s:g} s per "
         f"run, medians of {options.rounds} alternating rounds."
     )
@@ -318,11 +326,17 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         help="concurrencies, comma-separated (default 1,64)",
     )
     parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="uvicorn",
+        help="the HTTP server of both apps (default uvicorn)",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="exit with 1 when a target of the issue is missed"
     )
     args = parser.parse_args(argv)
     duration, rounds = run_length(parser, args, LENGTH)
-    return Options(duration, rounds, args.connections, args.check, args.tool)
+    return Options(duration, rounds, args.connections, args.check, args.tool, args.server)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

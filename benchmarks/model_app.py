@@ -50,7 +50,8 @@ from threadpoolctl import threadpool_limits
 
 import aioserve
 from benchmarks._harness import LOCAL_HOST, server_argparser
-from benchmarks.aioserve_app import loop_factory, run_uvicorn
+from benchmarks.aioserve_app import loop_factory, run_uvicorn, serve_forever_on_granian
+from benchmarks.bare_starlette import run_granian
 from examples.digits.model import DigitsModel
 from examples.digits.preprocess import MODEL_ENDPOINT, Preprocessor, parse_pixels, scale
 
@@ -88,6 +89,7 @@ def classifier() -> Any:
 
 def starlette_app() -> Starlette:
     """The models behind bare Starlette routes, one call per request in the threadpool."""
+    threadpool_limits(limits=1)  # also in a granian worker, which builds the app itself
     forest = classifier()
     matmul_model = MatmulModel()
 
@@ -171,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--app", choices=["aioserve", "starlette"], required=True)
     args = parser.parse_args(argv)
     threadpool_limits(limits=1)  # one BLAS thread per call, in every thread of this process
+    if args.app == "starlette" and args.server == "granian":
+        run_granian("benchmarks.model_app:starlette_app", args.port, args.loop)
+        return 0
     if args.app == "starlette":
         uvicorn.run(
             starlette_app(),
@@ -183,7 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        runner.run(serve_aioserve(args.port, args.loop, args.http))
+        if args.server == "granian":
+            runner.run(serve_forever_on_granian(args.port, build))
+        else:
+            runner.run(serve_aioserve(args.port, args.loop, args.http))
     return 0
 
 

@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "accesslog": 5,
     "responses": 5,
     "http": 5,
+    "httperrors": 5,
     "servers": 6,
     "serve": 6,
     # STYLE.md puts state and store at L7, but Serve (L6) restores and checkpoints through them, so
