@@ -65,10 +65,12 @@ LAYERS: dict[str, int] = {
 }
 
 # Third-party packages allowed only in some modules (at run time; TYPE_CHECKING imports are free).
-# cliworkers runs uvicorn's own process manager for --workers, clireload its reloader.
+# cliworkers runs uvicorn's own process manager for --workers, clireload its reloader; ingress
+# is where a FastAPI app (a user type) is taken apart, and httperrors the HTTP edge's table.
 CONFINED = {
-    "starlette": {"http", "inbox", "responses", "router"},
+    "starlette": {"http", "httperrors", "inbox", "ingress", "responses", "router"},
     "uvicorn": {"servers", "cliworkers", "clireload"},
+    "fastapi": {"ingress"},
 }
 
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
