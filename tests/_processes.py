@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,3 +120,21 @@ def until(
         if time.monotonic() > deadline:
             pytest.fail(f"not within {timeout_s} s: {what() if callable(what) else what}")
         time.sleep(0.01)
+
+
+def get_in_thread(
+    url: str, timeout_s: float = 60
+) -> tuple[threading.Thread, list[httpx.Response | BaseException]]:
+    """GET ``url`` from a thread of its own (the server is a subprocess that the test signals
+    meanwhile); the list gets the response, or what was raised."""
+    out: list[httpx.Response | BaseException] = []
+
+    def get() -> None:
+        try:
+            out.append(httpx.get(url, timeout=timeout_s))
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=get, daemon=True)
+    thread.start()
+    return thread, out

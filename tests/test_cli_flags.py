@@ -15,14 +15,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from _processes import EXAMPLE_TOML, REPO, Running, _env, _free_port, until
+from _processes import EXAMPLE_TOML, REPO, Running, _env, _free_port, get_in_thread, until
 
 import aioserve
 
@@ -248,20 +247,6 @@ def test_workers_each_log_their_requests_and_one_logs_the_summary(
     assert isinstance(answer[0], httpx.Response), answer
     assert (answer[0].status_code, answer[0].text) == (200, "released")
     assert server.proc.wait(timeout=20) == 0
-
-
-def get_in_thread(url: str) -> tuple[threading.Thread, list[httpx.Response | BaseException]]:
-    out: list[httpx.Response | BaseException] = []
-
-    def get() -> None:
-        try:
-            out.append(httpx.get(url, timeout=30))
-        except BaseException as exc:
-            out.append(exc)
-
-    thread = threading.Thread(target=get, daemon=True)
-    thread.start()
-    return thread, out
 
 
 def test_the_drain_line_says_how_many_requests_and_for_how_long(

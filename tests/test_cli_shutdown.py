@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import signal
 import textwrap
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from _processes import Running, _free_port, until
+from _processes import Running, _free_port, get_in_thread, until
 
 APP = """
 import asyncio
@@ -67,20 +66,6 @@ def start(run: Callable[..., Running], tmp_path: Path, target: str, *args: str) 
     return run(f"opsapp:{target}", *args, extra_path=write_app(tmp_path))
 
 
-def get_in_thread(url: str) -> tuple[threading.Thread, list[httpx.Response | BaseException]]:
-    out: list[httpx.Response | BaseException] = []
-
-    def get() -> None:
-        try:
-            out.append(httpx.get(url, timeout=60))
-        except BaseException as exc:
-            out.append(exc)
-
-    thread = threading.Thread(target=get, daemon=True)
-    thread.start()
-    return thread, out
-
-
 def test_not_ready_until_the_deployment_is_built(
     run: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,12 +90,24 @@ def test_not_ready_until_the_deployment_is_built(
     assert httpx.get(f"{base}/hello").text == "hello"
 
 
+@pytest.mark.parametrize(
+    ("grace_s", "flags"),
+    [
+        ("1", ()),  # the backend's graceful_shutdown_timeout_s bounds the drain ...
+        ("60", ("--timeout-graceful-shutdown", "1")),  # ... unless the flag says otherwise
+    ],
+    ids=["backend-timeout", "flag"],
+)
 def test_sigterm_with_a_stuck_handler_exits_within_the_graceful_timeout(
-    run: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: Callable[..., Running],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    grace_s: str,
+    flags: tuple[str, ...],
 ) -> None:
     monkeypatch.setenv("MARKS", str(tmp_path))
-    monkeypatch.setenv("GRACE", "1")
-    server = start(run, tmp_path, "setup_stuck", "--port", "0")
+    monkeypatch.setenv("GRACE", grace_s)
+    server = start(run, tmp_path, "setup_stuck", "--port", "0", *flags)
     url = server.url()
     thread, answer = get_in_thread(f"{url}/stuck")
     until(lambda: (tmp_path / "entered").exists(), "the handler is stuck in its thread")
@@ -121,28 +118,10 @@ def test_sigterm_with_a_stuck_handler_exits_within_the_graceful_timeout(
     assert code == 0
     # 1 s of draining, then the stuck call is stopped: well within the stated 1 s + 3 s.
     assert 0.9 < took < 4.0, took
+    assert "Draining 1 request(s) for up to 1.0 s." in server.stderr
     assert isinstance(answer[0], httpx.Response), answer
     assert answer[0].status_code == 503
     assert "Exception in ASGI application" not in server.stderr
-
-
-def test_the_graceful_timeout_flag_bounds_the_drain_in_one_process(
-    run: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("MARKS", str(tmp_path))
-    monkeypatch.setenv("GRACE", "60")  # the backend's own timeout: the flag overrides it
-    server = start(run, tmp_path, "setup_stuck", "--port", "0", "--timeout-graceful-shutdown", "1")
-    url = server.url()
-    thread, answer = get_in_thread(f"{url}/stuck")
-    until(lambda: (tmp_path / "entered").exists(), "the handler is stuck in its thread")
-    started = time.monotonic()
-    code = server.stop(signal.SIGTERM)
-    took = time.monotonic() - started
-    thread.join(10)
-    assert code == 0
-    assert 0.9 < took < 4.0, took
-    assert "Draining 1 request(s) for up to 1.0 s." in server.stderr
-    assert isinstance(answer[0], httpx.Response) and answer[0].status_code == 503
 
 
 def test_a_second_signal_exits_at_once(
