@@ -172,11 +172,16 @@ async def _start_and_populate(
 ) -> None:
     # Not ready (GET /-/ready answers 503) until the whole deployment is in place.
     serve.set_ready(False)
-    try:
-        await serve.start(sock=sock)
-    except BindError as exc:
-        raise _CLIError(str(exc), 1) from exc
-    await target.populate(serve)
+    if sock is not None:
+        # A reload's new process, on the socket its supervisor holds: the deployment is built
+        # before the first accept, so requests made during the restart wait in the backlog.
+        await serve.start(sock=sock, before_serving=target.populate)
+    else:
+        try:
+            await serve.start()
+        except BindError as exc:
+            raise _CLIError(str(exc), 1) from exc
+        await target.populate(serve)
     serve.set_ready(True)
 
 

@@ -12,7 +12,7 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ._concurrency import TaskOwner
@@ -116,6 +116,7 @@ class Serve:
         self._servers: list[Server] = []
         self.system_port: int | None = None  # the port system routes are served on, if apart
         self._ready_wanted = True
+        self._shared_socket = False  # serving on a socket bound elsewhere (start(sock=...))
         self._closed: asyncio.Future[None] | None = None
         # Persistence: the records of what was created, checkpointed after every change.
         self._store = AsyncStateStore(kv_store_path) if kv_store_path is not None else None
@@ -194,11 +195,20 @@ class Serve:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def start(self, *, sock: socket.socket | None = None) -> None:
+    async def start(
+        self,
+        *,
+        sock: socket.socket | None = None,
+        before_serving: Callable[[Serve], Awaitable[None]] | None = None,
+    ) -> None:
         """Start the instance on the running loop (and its HTTP server, unless NoServer).
 
         ``sock``: serve on this bound socket instead of binding ``host:port`` (a supervisor that
-        restarts the process keeps it open in between); the instance closes its own copy.
+        restarts the process keeps it open in between); the instance closes its own copy, and
+        stops accepting on it as soon as it starts shutting down.
+        ``before_serving``: built on the running instance before its server accepts a
+        connection (with ``sock``, connections made meanwhile wait in its backlog, so a client
+        never sees a deployment half built); if it raises, the instance closes.
         """
         if self.state is Lifecycle.RUNNING:
             return
@@ -215,7 +225,7 @@ class Serve:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         install_log_context()
-        if self.http_options.serves:
+        if self.http_options.serves and before_serving is None:
             try:
                 await self._start_server(sock)
             except BaseException:
@@ -223,12 +233,19 @@ class Serve:
                 raise
         self._http.loop = self._loop
         self._router.state = Lifecycle.RUNNING
-        if snapshot is not None:
-            try:
+        try:
+            if snapshot is not None:
                 await self._restore(snapshot)
-            except BaseException:
-                await self.aclose()
-                raise
+            if before_serving is not None:
+                await before_serving(self)
+                if self.http_options.serves:
+                    server_sock, sock = sock, None  # the server owns it from here on
+                    await self._start_server(server_sock)
+        except BaseException:
+            if before_serving is not None and sock is not None:
+                sock.close()  # never handed to a server
+            await self.aclose()
+            raise
         self._router.ready = self._ready_wanted
 
     @property
@@ -252,6 +269,11 @@ class Serve:
         if self.state is Lifecycle.RUNNING:
             self._router.state = Lifecycle.DRAINING
             self._http.begin_shutdown()
+            if self._shared_socket:
+                # Another process takes over the socket (a reload): leave new connections to
+                # it rather than answer them 503 while this one drains.
+                for server in self._servers:
+                    server.stop_accepting()
 
     async def _restore(self, snapshot: ControlState) -> None:
         """Recreate the checkpointed backends and endpoints (without re-saving each step)."""
@@ -287,6 +309,8 @@ class Serve:
         assert opts.host is not None  # serves is False without a host
         if sock is None:
             sock = bind(opts.host, opts.port)
+        else:
+            self._shared_socket = True
         system_sock = None
         if opts.system_port is not None and opts.system_routes:
             try:

@@ -161,6 +161,10 @@ class Server(Protocol):
     async def stop(self) -> None:
         """Stop accepting, let open responses finish within the server's bound, and wait."""
 
+    def stop_accepting(self) -> None:
+        """Take no new connection from now on (others sharing the socket go on accepting);
+        the open ones are served until :meth:`stop`."""
+
 
 def make_server(app: Any, sock: socket.socket, options: HTTPOptions) -> Server:
     """The server ``options.server`` names, serving ``app`` on ``sock``.
@@ -208,6 +212,11 @@ class UvicornServer:
             self._sock.close()
             error = task.exception() if task.done() and not task.cancelled() else None
             raise ServeError(f"The HTTP server failed to start: {error!r}") from error
+
+    def stop_accepting(self) -> None:
+        """Close this process's listening socket(s); keep serving the open connections."""
+        for server in self._server.servers:
+            server.close()
 
     async def stop(self) -> None:
         """Stop accepting, let open responses finish (uvicorn's own bound), and wait."""
@@ -383,6 +392,9 @@ class GranianServer:
             ) from exc
         self._signal = signal
         self._stopped = stopped
+
+    def stop_accepting(self) -> None:
+        """granian's embedded worker has no way to stop accepting alone: :meth:`stop` does it."""
 
     async def stop(self) -> None:
         """Stop accepting, let open responses finish for up to :data:`GRACEFUL_SHUTDOWN_S`,

@@ -329,6 +329,26 @@ def test_reload_serves_an_edit(
     assert "Stopping reloader process" in server.stderr
 
 
+def test_requests_made_during_a_reload_wait_for_the_new_process(
+    run: Callable[..., Running], tmp_path: Path
+) -> None:
+    server, url, module = start_reloading(run, tmp_path, "--port", "0")
+    module.write_text(RELOADED.format(answer="number two"))
+    answers: list[tuple[int, str]] = []
+
+    def answer() -> str:
+        # A new connection each time: accepted by whichever process accepts on the socket.
+        response = httpx.get(f"{url}/answer", timeout=30)
+        answers.append((response.status_code, response.text))
+        return response.text
+
+    until(lambda: answer() == "number two", "the edit is served")
+    # The old process stopped accepting at once and the new one built its deployment before
+    # its first accept: no request in between was refused or told to come back.
+    assert {status for status, _ in answers} == {200}, answers
+    assert server.stop(signal.SIGTERM) == 0
+
+
 def test_reload_survives_a_broken_edit(run: Callable[..., Running], tmp_path: Path) -> None:
     server, url, module = start_reloading(run, tmp_path, "--port", "0")
     module.write_text("async def setup(serve:\n")
