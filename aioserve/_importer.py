@@ -138,9 +138,14 @@ def module_of_file(name: str) -> tuple[str, str] | None:
     file = Path(name)
     stem = file.with_suffix("") if file.suffix == ".py" else file
     try:
-        dotted = ".".join(stem.resolve().relative_to(Path.cwd().resolve()).parts)
-        where = ""
+        parts = stem.resolve().relative_to(Path.cwd().resolve()).parts
     except ValueError:
+        parts = ()
+    if parts and all(part.isidentifier() for part in parts):
+        dotted, where = ".".join(parts), ""
+    else:
+        # Outside the current directory, or under a directory whose name cannot be part of a
+        # module name (a hyphen, say): import it from its own directory.
         dotted, where = stem.name, str(file.resolve().parent)
     return dotted.removesuffix(".__init__"), where
 

@@ -71,3 +71,15 @@ async def test_a_backend_given_by_a_file_name_says_what_was_meant(serve: Serve) 
         await serve.create_backend("model", "pkg/models.py:Model")
     assert serve.list_backends() == {}
     assert isinstance(aioserve.ConfigError("x"), ValueError)
+
+
+def test_a_file_under_a_directory_that_is_no_module_name_is_run_from_there(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = tmp_path / "my-project"  # a hyphen: "my-project.app" cannot be imported
+    code.mkdir()
+    (code / "app.py").write_text("setup = None\n")
+    with pytest.raises(ConfigError) as caught:
+        import_attr("my-project/app.py:setup")
+    assert f"did you mean 'app:setup', run from {str(code)!r}" in str(caught.value)
