@@ -26,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from ._types import Lifecycle
 from .cli import (
     _WORKER_ENV,
     DEFAULT_DRAIN_S,
@@ -49,7 +50,11 @@ from .serve import Serve
 from .servers import BACKLOG, GuardedProtocol, load_granian, uvicorn_limits
 from .workermetrics import WorkerMetrics, shared_directory
 
-__all__ = ["check_server", "check_workers", "run_workers"]
+__all__ = ["SERVER_GRACE_MARGIN_S", "check_server", "check_workers", "run_workers"]
+
+# The server's own graceful timeout is the drain's plus this: a worker's drain stops what still
+# runs first (503), so the server never has to cut a request short itself (a 500).
+SERVER_GRACE_MARGIN_S = 3.0
 
 logger = logging.getLogger("aioserve.cli")
 
@@ -107,6 +112,7 @@ class _WorkerApp:
         self._settings = settings
         self._serve: Serve | None = None
         self._metrics: WorkerMetrics | None = None
+        self._closing: asyncio.Task[None] | None = None  # the drain a signal started
 
     def __repr__(self) -> str:
         return f"<aioserve worker {os.getpid()} {self._settings['target']!r}>"
@@ -150,7 +156,7 @@ class _WorkerApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._serve is not None:
-                    await self._serve.aclose()
+                    await self._serve.aclose()  # joins the drain a signal started, if any
                 if self._metrics is not None:
                     # After the drain: the requests it finished count in the final figures.
                     await self._metrics.aclose()
@@ -173,7 +179,7 @@ class _WorkerApp:
         except BaseException:
             await serve.aclose()
             raise
-        _drain_on_signals(serve, settings["timeout_graceful_shutdown"])
+        self._drain_on_signals(serve, settings["timeout_graceful_shutdown"])
         if summary_claimed(summary_marker(settings["token"])):
             summary = startup_summary(
                 serve,
@@ -196,23 +202,30 @@ class _WorkerApp:
             return None
         return await WorkerMetrics.open(serve.metrics, Path(self._settings["metrics_dir"]))
 
+    def _drain_on_signals(self, serve: Serve, timeout_s: float) -> None:
+        """On SIGINT/SIGTERM: stop admitting at once (503, not ready), log how many requests
+        drain, and drain for up to ``timeout_s``, then stop what still runs (503, as in one
+        process); the server's own handler closes the connections meanwhile, with a margin
+        (:data:`SERVER_GRACE_MARGIN_S`) so that it never cuts a request short first."""
+        loop = asyncio.get_running_loop()
 
-def _drain_on_signals(serve: Serve, timeout_s: float) -> None:
-    """In a worker: on SIGINT/SIGTERM stop admitting at once (503, not ready) and log how many
-    requests drain, then let the server's own handler shut it down, which waits for them."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous = signal.getsignal(sig)
-        if not callable(previous):
-            continue
+        def drain() -> None:
+            if self._closing is None and serve.state is Lifecycle.RUNNING:
+                log_drain(serve, timeout_s)
+                self._closing = loop.create_task(serve.aclose(drain_timeout_s=timeout_s))
 
-        def handler(
-            signum: int, frame: Any, previous: Callable[[int, Any], Any] = previous
-        ) -> None:
-            loop.call_soon_threadsafe(log_drain, serve, timeout_s)
-            previous(signum, frame)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue
 
-        signal.signal(sig, handler)
+            def handler(
+                signum: int, frame: Any, previous: Callable[[int, Any], Any] = previous
+            ) -> None:
+                loop.call_soon_threadsafe(drain)
+                previous(signum, frame)
+
+            signal.signal(sig, handler)
 
 
 def _worker_app() -> _WorkerApp:
@@ -300,7 +313,7 @@ def _run_workers(
                 access_log=False,
                 root_path=target.root_path,
                 # Requests in flight at a signal drain for up to this long, as in one process.
-                timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+                timeout_graceful_shutdown=args.timeout_graceful_shutdown + SERVER_GRACE_MARGIN_S,
                 # The protocol class crosses to the workers by name; its timeout is set there.
                 **{**uvicorn_limits(HTTPOptions(**limits)), "http": GuardedProtocol},
             )
@@ -330,5 +343,5 @@ def _run_granian_workers(host: str, port: int, args: argparse.Namespace) -> None
         log_level=LogLevels(args.log_level),
         log_access=False,
         # Requests in flight at a signal drain for up to this long, as with uvicorn.
-        workers_kill_timeout=max(1, math.ceil(args.timeout_graceful_shutdown)),
+        workers_kill_timeout=math.ceil(args.timeout_graceful_shutdown + SERVER_GRACE_MARGIN_S),
     ).serve()

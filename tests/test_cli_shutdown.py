@@ -161,3 +161,32 @@ def test_workers_drain_requests_in_flight_at_sigterm(
         thread.join(10)
         assert isinstance(answer[0], httpx.Response), answer
         assert (answer[0].status_code, answer[0].text) == (200, "slow done")
+
+
+def test_workers_stop_what_outlives_the_drain_with_a_503(
+    run: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MARKS", str(tmp_path))
+    monkeypatch.setenv("GRACE", "60")
+    port = _free_port()
+    server = start(
+        run,
+        tmp_path,
+        "setup_stuck",
+        *("--workers", "2", "--port", str(port), "--timeout-graceful-shutdown", "1"),
+    )
+    url = server.url()
+    thread, answer = get_in_thread(f"{url}/stuck")
+    until(lambda: (tmp_path / "entered").exists(), "the handler is stuck in its thread")
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0
+    took = time.monotonic() - started
+    thread.join(10)
+    # The worker's own drain stopped it after 1 s, as in one process: a 503 the access log
+    # shows with the request's id, not the server's 500 with a traceback.
+    assert isinstance(answer[0], httpx.Response), answer
+    assert answer[0].status_code == 503
+    request_id = answer[0].headers["x-request-id"]
+    assert '"GET /stuck" 503' in server.stderr and f"id={request_id}" in server.stderr
+    assert "Exception in ASGI application" not in server.stderr
+    assert took < 1 + 3 + 5, took  # the drain, the server's margin, process exit
