@@ -159,7 +159,9 @@ async def _run_one(
             )
             logger.info("%s", summary)
             await stop.wait()
-        logger.info("Shutting down (a second signal exits at once).")
+        # Under --reload the supervisor takes the signals and stops this process itself.
+        second = " (a second signal exits at once)" if sock is None else ""
+        logger.info("Shutting down%s.", second)
         return 0
     finally:
         await serve.aclose(drain_timeout_s=args.timeout_graceful_shutdown)
