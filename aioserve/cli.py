@@ -238,13 +238,6 @@ def _report(exc: _CLIError) -> None:
     print(f"aioserve: error: {exc}", file=sys.stderr, flush=True)
 
 
-def _workers(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _count(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -312,7 +305,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workers",
-        type=_workers,
+        type=_count,
         default=1,
         metavar="N",
         help="processes sharing the port (default 1)",
