@@ -31,6 +31,8 @@ from examples.digits.fastapi_app import create_app
 pytestmark = pytest.mark.usefixtures("no_loop_errors")
 
 TOML = "examples/digits/deployment.toml"
+# Building the deployment trains two forests: seconds on a busy 2-core machine under coverage.
+STARTUP_S = 60.0
 V2_SHARE = TRAFFIC["digits-v2"]
 
 
@@ -170,7 +172,7 @@ async def test_the_client_reports_accuracy_split_and_mean_batch(
 async def test_the_fastapi_app_serves_the_mount_and_its_own_typed_route() -> None:
     known = known_images(20)
     async with (
-        run_uvicorn(create_app()) as url,
+        run_uvicorn(create_app(), startup_timeout_s=STARTUP_S) as url,
         httpx.AsyncClient(base_url=url, timeout=30.0) as http,
     ):
         mounted = await predict_all(http, [image for image, _ in known], "/models/predict")
