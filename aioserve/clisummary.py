@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -108,9 +107,10 @@ def startup_summary(
     return "\n".join(lines)
 
 
-def summary_marker(token: str) -> Path:
-    """The file whose creation elects the worker that logs the summary (``--workers``)."""
-    return Path(tempfile.gettempdir()) / f"aioserve-{token}.summary"
+def summary_marker(run_directory: str | Path) -> Path:
+    """The file whose creation elects the worker that logs the summary (``--workers``): in the
+    directory the parent makes for the run, and removes with it."""
+    return Path(run_directory) / "summary"
 
 
 def summary_claimed(marker: Path) -> bool:

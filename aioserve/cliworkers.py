@@ -180,7 +180,7 @@ class _WorkerApp:
             await serve.aclose()
             raise
         self._drain_on_signals(serve, settings["timeout_graceful_shutdown"])
-        if summary_claimed(summary_marker(settings["token"])):
+        if summary_claimed(summary_marker(settings["metrics_dir"])):
             summary = startup_summary(
                 serve,
                 url=settings["url"],
@@ -320,7 +320,6 @@ def _run_workers(
     finally:
         watcher.close()
         os.environ.pop(_WORKER_ENV, None)
-        summary_marker(watcher.token).unlink(missing_ok=True)
     return watcher.exit_code
 
 

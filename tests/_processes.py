@@ -96,8 +96,14 @@ class Running:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            # A test that did not stop it: let it clean up after itself (a --workers parent
+            # removes its run directory), then make sure.
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
         # Its workers share its process group: make sure none is left.
         with contextlib.suppress(ProcessLookupError):

@@ -51,13 +51,14 @@ async def test_a_long_deployment_is_listed_in_part(serve: Serve) -> None:
     assert lines[-1] == "  ... and 5 more backends"
 
 
-def test_one_process_claims_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    marker = summary_marker("abc123")
-    assert marker.parent == tmp_path
+def test_one_process_claims_the_summary(tmp_path: Path) -> None:
+    marker = summary_marker(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    assert marker.parent == tmp_path / "run"  # removed with the run's directory
     assert summary_claimed(marker) is True
     assert summary_claimed(marker) is False  # the other workers
-    assert summary_claimed(summary_marker("other")) is True
+    (tmp_path / "other").mkdir()
+    assert summary_claimed(summary_marker(tmp_path / "other")) is True
 
 
 async def test_the_drain_line_counts_requests_in_flight_once(
