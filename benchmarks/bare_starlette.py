@@ -19,6 +19,7 @@ Routes (the same contract ``benchmarks.aioserve_app`` serves through aioserve):
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -69,11 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python -m benchmarks.bare_starlette", "Serve the benchmark routes with bare Starlette."
     )
     args = parser.parse_args(argv)
+    run_app("benchmarks.bare_starlette:build_app", args)
+    return 0
+
+
+def run_app(factory: str, args: argparse.Namespace) -> None:
+    """Serve the app ``factory`` (``module:function``) makes on the server ``args`` name, with
+    the shared server command line's settings (:func:`benchmarks._harness.server_argparser`)."""
     if args.server == "granian":
-        run_granian("benchmarks.bare_starlette:build_app", args.port, args.loop)
-        return 0
+        run_granian(factory, args.port, args.loop)
+        return
     uvicorn.run(
-        build_app(),
+        factory,
+        factory=True,
         host=LOCAL_HOST,
         port=args.port,
         loop=args.loop,
@@ -81,7 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level="warning",
         access_log=False,
     )
-    return 0
 
 
 def run_granian(factory: str, port: int, loop: str) -> None:

@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import uvicorn
 from numpy.typing import NDArray
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -49,9 +48,9 @@ from starlette.routing import Route
 from threadpoolctl import threadpool_limits
 
 import aioserve
-from benchmarks._harness import LOCAL_HOST, server_argparser
+from benchmarks._harness import server_argparser
 from benchmarks.aioserve_app import loop_factory, run_uvicorn, serve_forever_on_granian
-from benchmarks.bare_starlette import run_granian
+from benchmarks.bare_starlette import run_app
 from examples.digits.model import DigitsModel
 from examples.digits.preprocess import MODEL_ENDPOINT, Preprocessor, parse_pixels, scale
 
@@ -173,19 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--app", choices=["aioserve", "starlette"], required=True)
     args = parser.parse_args(argv)
     threadpool_limits(limits=1)  # one BLAS thread per call, in every thread of this process
-    if args.app == "starlette" and args.server == "granian":
-        run_granian("benchmarks.model_app:starlette_app", args.port, args.loop)
-        return 0
     if args.app == "starlette":
-        uvicorn.run(
-            starlette_app(),
-            host=LOCAL_HOST,
-            port=args.port,
-            loop=args.loop,
-            http=args.http,
-            log_level="warning",
-            access_log=False,
-        )
+        run_app("benchmarks.model_app:starlette_app", args)
         return 0
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         if args.server == "granian":
