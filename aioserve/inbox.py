@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+from collections.abc import Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ._concurrency import TaskOwner
 from ._types import Message, Receive
@@ -62,6 +63,34 @@ class ServeRequest(Request):
         """The whole body as bytes, or decoded as UTF-8 text with ``as_text=True``."""
         return self.data.decode("utf-8") if as_text else self.data
 
+    async def body(self) -> bytes:
+        """The whole body, read once and kept: Starlette's ``Request.body``, read straight from
+        ``receive`` instead of through ``stream()`` (an async generator per request)."""
+        try:
+            cached: bytes = self._body
+            return cached
+        except AttributeError:
+            pass
+        if self._stream_consumed:
+            raise RuntimeError("Stream consumed")
+        chunks: list[bytes] = []
+        receive = self._receive
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "http.request":
+                chunk = message.get("body", b"")
+                if chunk:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            elif kind == "http.disconnect":
+                self._is_disconnected = True
+                raise ClientDisconnect()
+        self._stream_consumed = True
+        body = self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return body
+
     async def json(self) -> Any:
         """The body parsed as JSON; a body Python cannot decode is ``json.JSONDecodeError``
         (HTTP 400), whatever the reason (see :func:`loads_json`)."""
@@ -74,11 +103,40 @@ class ServeRequest(Request):
         return loads_json(self.data)
 
 
+_fast_loads: Callable[[bytes | str], Any] | None
+try:
+    import orjson
+except ImportError:  # pragma: no cover - the dev extras install orjson
+    _fast_loads = None
+else:
+    _fast_loads = orjson.loads
+
+_DIGITS_AS_ZEROS = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_DIGITS = b"0" * 19
+"""19 digits in a row (every digit read as a 0): a number orjson might not give back exactly as
+``json.loads`` does (it turns an integer outside 64 bits into a float)."""
+
+
 def loads_json(data: bytes | str) -> Any:
     """``json.loads``, with every way a client's body can fail to decode as
     ``json.JSONDecodeError`` (the client's error, HTTP 400): besides invalid JSON, an integer of
     more digits than Python converts (``ValueError``) and nesting deeper than the recursion limit
-    (``RecursionError``). Never a 500 for something a client sent."""
+    (``RecursionError``). Never a 500 for something a client sent.
+
+    With orjson installed (``aioserve[fast]``), bytes are decoded by orjson first, about 8 times
+    faster, when that gives what ``json.loads`` gives: never with 19 digits in a row; whatever
+    orjson refuses (``NaN``, a byte-order mark, lone surrogates, ...) goes to ``json.loads``,
+    which decides, so the result and the errors are the standard library's.
+    """
+    if (
+        _fast_loads is not None
+        and type(data) is bytes
+        and _LONG_DIGITS not in data.translate(_DIGITS_AS_ZEROS)
+    ):
+        try:
+            return _fast_loads(data)
+        except ValueError:
+            pass  # json.loads decides, with its own error
     try:
         return json.loads(data)
     except json.JSONDecodeError:

@@ -1,6 +1,10 @@
-"""The JSON encoding of results (``aioserve.responses.json_dumps``): orjson when installed, with the
-standard library's answers. Whatever the encoder, a client decodes the same values, and what the
-standard library refuses (NaN, infinities, unknown types) is still refused."""
+"""JSON both ways, orjson when installed, with the standard library's answers.
+
+Results (``aioserve.responses.json_dumps``): whatever the encoder, a client decodes the same
+values, and what the standard library refuses (NaN, infinities, unknown types) is still refused.
+Request bodies (``aioserve.inbox.loads_json``, behind ``await request.json()`` and
+``request.get_json()``): a handler gets what ``json.loads`` gives, of the same types, and a body
+``json.loads`` refuses is refused."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aioserve.inbox import loads_json
 from aioserve.responses import json_dumps
 
 
@@ -119,3 +124,71 @@ def test_long_float_lists_round_trip_exactly() -> None:
     values = [i / 7 for i in range(1000)]
     assert json.loads(json_dumps(values)) == values
     assert json.loads(json_dumps(np.array(values))) == values
+
+
+# -- request bodies -----------------------------------------------------------------------------
+
+
+def same_values(got: Any, expected: Any) -> bool:
+    """Equal, of the same types all the way down (1 is not 1.0), NaN equal to NaN."""
+    return json.dumps(got) == json.dumps(expected) and type(got) is type(expected)
+
+
+def assert_decodes_as_the_standard_library(body: bytes) -> None:
+    try:
+        expected = json.loads(body)
+    except (ValueError, RecursionError):
+        with pytest.raises(json.JSONDecodeError):
+            loads_json(body)
+        return
+    assert same_values(loads_json(body), expected), body
+
+
+body_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()  # beyond 64 bits too
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()  # NaN and infinities too: json.loads takes them
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@given(body_values)
+def test_a_body_decodes_to_what_the_standard_library_gives(value: Any) -> None:
+    assert_decodes_as_the_standard_library(json.dumps(value).encode())
+    assert_decodes_as_the_standard_library(json.dumps(value, ensure_ascii=False).encode())
+
+
+@given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
+def test_any_bytes_decode_or_fail_as_with_the_standard_library(body: bytes) -> None:
+    assert_decodes_as_the_standard_library(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"18446744073709551616",  # 2**64: orjson would give a float
+        b"-9223372036854775809",  # below the smallest 64-bit integer
+        b'{"n": [123456789012345678901234567890]}',
+        b"1234567890123456789",
+        b"0000000000000000000",
+        b"[0.12345678901234567890123]",
+        b"NaN",
+        b"[-Infinity, Infinity]",
+        b"1e400",
+        b'"\\ud800"',  # a lone surrogate
+        b"\xef\xbb\xbf{}",  # a UTF-8 byte-order mark
+        '{"a": 1}'.encode("utf-16"),
+        b'{"a": 1, "a": 2}',
+        b"[1, 2",
+        b'"\xff"',
+        b"[" * 100_000,
+    ],
+)
+def test_bodies_orjson_reads_differently_decode_as_the_standard_library(body: bytes) -> None:
+    assert_decodes_as_the_standard_library(body)
