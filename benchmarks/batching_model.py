@@ -4,16 +4,16 @@
 [--quick]``
 
 Two servers run at once on uvicorn with the same settings (see :mod:`benchmarks.model_app`):
-aioserve serving the worked example ``examples/digits`` with one model version (its
-preprocessing backend calls the model through a handle; the model's sync ``@serve.batch`` method
-takes up to 32 images per ``predict``, ``batch_wait_timeout_s=0.01`` as an upper bound) and a
+aioserve serving the worked example's model backend ``examples/digits`` with one model version
+(its ``async def __call__`` reads and checks the body; its sync ``@serve.batch`` method takes up
+to 32 images per ``predict``, ``batch_wait_timeout_s=0.01`` as an upper bound) and a
 bare Starlette route doing the same checks and scaling and calling the same model once per
 request in its threadpool. One ``predict`` of the 50-tree forest costs about the same for 1
 image or 32, so batching is what lets throughput grow with load.
 
 Each concurrency is loaded A B A B ...; the table shows medians and the ratio aioserve /
 Starlette. The mean batch is read from aioserve's own ``/-/metrics``
-(``aioserve_batch_size{backend="digits",method="predict"}``) before and after each aioserve run.
+(``aioserve_batch_size{backend="digits",method="_predict"}``) before and after each aioserve run.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ MANY = 64
 MAX_BATCH_SIZE = 32
 
 _BATCH_SAMPLE = re.compile(
-    r'^aioserve_batch_size_(sum|count)\{backend="digits",method="predict"\} (\S+)$', re.MULTILINE
+    r'^aioserve_batch_size_(sum|count)\{backend="digits",method="_predict"\} (\S+)$', re.MULTILINE
 )
 
 
@@ -280,8 +280,8 @@ def render_report(rows: Sequence[Row], options: Options, cost: ModelCost) -> str
     ]
     caption = (
         "**A 50-tree random forest on the digits data behind `POST /predict`**: aioserve with a "
-        "sync `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)` method behind the "
-        "example's preprocessing backend and a handle (`examples/digits`) vs a bare Starlette "
+        "sync `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)` method awaited by "
+        "the example's model backend (`examples/digits`) vs a bare Starlette "
         "route calling the same model once per request in its threadpool. "
         f"{describe_server(options.server)}; load: "
         f"{describe_load_tool(resolve_load_tool(options.tool))}; {options.duration_s:g} s per "

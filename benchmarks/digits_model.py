@@ -10,8 +10,9 @@ Two servers from :mod:`benchmarks.model_app`, on uvicorn with the same settings,
 - **digits** (the example's random forest, 50 trees): a bare Starlette route (the body read,
   then checks, scaling and one ``predict`` in its threadpool); aioserve with a sync ``def``
   handler, one ``predict`` per request (``/predict-unbatched``); aioserve with the example's
-  deployment, preprocessing backend -> handle -> sync ``@serve.batch`` method of up to 32
-  (``/predict``), whose mean batch is read from its ``/-/metrics``.
+  model backend, whose ``async def __call__`` checks the body and awaits its sync
+  ``@serve.batch`` method of up to 32 (``/predict``); the mean batch is read from its
+  ``/-/metrics``.
 - **numpy** (a 256 x 256 matrix product and a ``tanh``, which release the GIL; BLAS limited to
   one thread per call): a bare Starlette route (its threadpool runs many calls at once); aioserve
   with one sync replica and with two (each replica runs one call at a time on its own thread).

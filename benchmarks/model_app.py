@@ -17,9 +17,9 @@ runs the model in Starlette's threadpool, which is what a ``def`` route gets):
 
 ``--app aioserve`` (one ``Serve`` behind uvicorn, every backend with one replica unless said):
 
-- ``POST /predict``: the example's deployment with one model version: the ``Preprocessor``
-  backend calls the ``digits`` backend (``DigitsModel``, a sync ``@serve.batch`` method of up to
-  32 images) through a handle;
+- ``POST /predict``: the example's model backend with one version (``DigitsModel``: its
+  ``async def __call__`` reads and checks the body and awaits its sync ``@serve.batch`` method of
+  up to 32 images);
 - ``POST /predict-unbatched``: a sync ``def`` backend, ``request.get_json()``, the same checks
   and scaling and one ``predict`` per request on its replica's thread;
 - ``POST /matmul-1`` and ``POST /matmul-2``: the numpy model as a sync ``def`` backend with one
@@ -52,7 +52,7 @@ from benchmarks._harness import server_argparser
 from benchmarks.aioserve_app import loop_factory, run_uvicorn, serve_forever_on_granian
 from benchmarks.bare_starlette import run_app
 from examples.digits.model import DigitsModel
-from examples.digits.preprocess import MODEL_ENDPOINT, Preprocessor, parse_pixels, scale
+from examples.digits.preprocess import parse_pixels, scale
 
 N_ESTIMATORS = 50
 """Trees of the benchmark's forest (the example's versions have 20 and 30)."""
@@ -142,9 +142,7 @@ class Matmul:
 async def build(serve: aioserve.Serve) -> None:
     """Create the benchmark's backends and endpoints on a started ``serve``."""
     await serve.create_backend("digits", DigitsModel, "v1", N_ESTIMATORS)
-    await serve.create_endpoint(MODEL_ENDPOINT, backend="digits")
-    await serve.create_backend("preprocess", Preprocessor, MODEL_ENDPOINT)
-    await serve.create_endpoint("predict", backend="preprocess", route="/predict", methods=["POST"])
+    await serve.create_endpoint("digits", backend="digits", route="/predict", methods=["POST"])
     await serve.create_backend("digits-unbatched", UnbatchedDigits)
     await serve.create_endpoint(
         "predict-unbatched",

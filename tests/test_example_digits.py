@@ -21,12 +21,15 @@ from _processes import Running
 from _servers import run_uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits
+from starlette.exceptions import HTTPException
 
 from aioserve import Serve
 from aioserve.deployment import load_deployment
+from aioserve.exceptions import MethodNotFound
 from examples.digits import client
 from examples.digits.deployment import TRAFFIC, setup
 from examples.digits.fastapi_app import create_app
+from examples.digits.model import MODEL_ENDPOINT
 
 pytestmark = pytest.mark.usefixtures("no_loop_errors")
 
@@ -57,11 +60,11 @@ def assert_share(count: int, n: int, p: float) -> None:
 
 
 def batch_totals(text: str) -> tuple[float, float]:
-    """(images, batches) of both model versions' ``predict`` queues, from ``/-/metrics``."""
+    """(images, batches) of both model versions' ``_predict`` queues, from ``/-/metrics``."""
     images = batches = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels.get("method") != "predict":
+            if sample.labels.get("method") != "_predict":
                 continue
             if sample.name == "aioserve_batch_size_sum":
                 images += sample.value
@@ -156,6 +159,43 @@ async def test_a_malformed_image_is_the_clients_error(digits_http: httpx.AsyncCl
     assert (await digits_http.post("/predict", json={"pixels": image})).json()["label"] == label
 
 
+async def test_a_bad_body_fails_alone_never_the_batch_it_would_have_joined(
+    digits_http: httpx.AsyncClient,
+) -> None:
+    known = known_images(16)
+    in_flight = [digits_http.post("/predict", json={"pixels": image}) for image, _ in known]
+    in_flight += [digits_http.post("/predict", json={"pixels": [1, 2]}) for _ in range(16)]
+    responses = await asyncio.gather(*in_flight)
+
+    good, bad = responses[:16], responses[16:]
+    assert [r.status_code for r in good] == [200] * 16
+    assert accuracy([r.json() for r in good], known) >= 0.9
+    assert [r.status_code for r in bad] == [422] * 16
+    images, _ = batch_totals((await digits_http.get("/-/metrics")).text)
+    assert images == 16  # only checked images reached the model
+
+
+async def test_the_batch_method_is_out_of_reach_of_clients(
+    digits_serve: Serve, digits_http: httpx.AsyncClient
+) -> None:
+    image, label = known_images(1)[0]
+    hidden = await digits_http.post(
+        "/predict", json={"pixels": image}, headers={"X-Serve-Call-Method": "_predict"}
+    )
+    assert hidden.status_code == 404
+    with pytest.raises(MethodNotFound, match="_predict"):
+        await digits_serve.get_handle(MODEL_ENDPOINT).options(method_name="_predict").remote(image)
+    # A handle call takes the same body as POST /predict, checked the same way.
+    handle = digits_serve.get_handle(MODEL_ENDPOINT)
+    assert (await handle.remote({"pixels": image}))["label"] == label
+    with pytest.raises(HTTPException) as caught:
+        await handle.remote({"pixels": [1, 2]})
+    assert caught.value.status_code == 422
+    assert "got 2 values" in caught.value.detail
+    images, _ = batch_totals((await digits_http.get("/-/metrics")).text)
+    assert images == 1
+
+
 async def test_the_client_reports_accuracy_split_and_mean_batch(
     digits_http: httpx.AsyncClient,
 ) -> None:
@@ -199,7 +239,7 @@ async def test_the_toml_file_declares_what_setup_builds() -> None:
         await setup(from_code)
         assert from_toml.list_endpoints() == from_code.list_endpoints()
         assert from_toml.list_backends() == from_code.list_backends()
-        assert from_toml.list_endpoints()["digits-model"]["traffic"] == TRAFFIC
+        assert from_toml.list_endpoints()["digits"]["traffic"] == TRAFFIC
 
 
 async def test_aioserve_run_serves_the_toml_deployment(run: Callable[..., Running]) -> None:
@@ -211,7 +251,7 @@ async def test_aioserve_run_serves_the_toml_deployment(run: Callable[..., Runnin
         answers = await predict_all(http, [image for image, _ in known])
         bad = await http.post("/predict", json={"pixels": [1, 2]})
 
-    assert routes["/predict"] == ["predict", ["POST"]]
+    assert routes["/predict"] == ["digits", ["POST"]]
     assert accuracy(answers, known) >= 0.9
     assert {a["version"] for a in answers} <= {"v1", "v2"}
     assert bad.status_code == 422

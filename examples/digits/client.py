@@ -40,13 +40,14 @@ def classify(url: str, pixels: list[float], timeout_s: float = 30.0) -> dict[str
 
 
 def batch_totals(url: str) -> dict[str, tuple[float, float]]:
-    """``{backend: (images, batches)}`` of every ``predict`` batch queue, from ``/-/metrics``."""
+    """``{backend: (images, batches)}`` of the model's ``_predict`` batch queues, from
+    ``/-/metrics``."""
     with urllib.request.urlopen(f"{url}/-/metrics", timeout=30.0) as response:
         text = response.read().decode()
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels.get("method") != "predict":
+            if sample.labels.get("method") != "_predict":
                 continue
             if sample.name == "aioserve_batch_size_sum":
                 totals[sample.labels["backend"]][0] = sample.value

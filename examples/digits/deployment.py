@@ -1,26 +1,23 @@
 """The digits deployment: ``aioserve run examples.digits.deployment:setup`` (from the repository
 root; ``examples/digits/deployment.toml`` declares the same thing).
 
-Four backends and three endpoints::
+Three backends and two endpoints::
 
     POST /api/predict, GET /api/docs ──> endpoint "api" ──> backend "api" (DigitsAPI, FastAPI)
-                                                              │ await handle.remote(image)
-    POST /predict ──> endpoint "predict" ──> backend "preprocess" (Preprocessor)
-                                                │ await handle.remote(image)
-                                                v
-                      endpoint "digits-model" (headless) ──> 90 % backend "digits-v1" (20 trees)
-                                                         └─> 10 % backend "digits-v2" (30 trees)
+                                                              │ await handle.remote({"pixels": ...})
+                                                              v
+    POST /predict ──────────────────> endpoint "digits" ──> 90 % backend "digits-v1" (20 trees)
+                                                        └─> 10 % backend "digits-v2" (30 trees)
 
-The model versions sit behind one endpoint without a route, reachable by handle only; a traffic
-split sends each call to one of them, so v2 can take a small share of real requests (a canary)
-before it takes them all: ``await serve.set_traffic("digits-model", {"digits-v2": 1.0})``.
+The model versions sit behind one endpoint; its traffic split sends each request, from HTTP or
+from a handle, to one of them, so v2 can take a small share of real requests (a canary) before it
+takes them all: ``await serve.set_traffic("digits", {"digits-v2": 1.0})``.
 """
 
 from __future__ import annotations
 
 from aioserve import Serve
-from examples.digits.model import DigitsModel
-from examples.digits.preprocess import MODEL_ENDPOINT, Preprocessor
+from examples.digits.model import MODEL_ENDPOINT, DigitsModel
 from examples.digits.typed_api import DigitsAPI
 
 TRAFFIC = {"digits-v1": 0.9, "digits-v2": 0.1}
@@ -30,10 +27,10 @@ async def setup(serve: Serve) -> None:
     """Create the backends and endpoints on a started instance."""
     await serve.create_backend("digits-v1", DigitsModel, "v1", 20)
     await serve.create_backend("digits-v2", DigitsModel, "v2", 30)
-    await serve.create_endpoint(MODEL_ENDPOINT, backend="digits-v1")  # no route: handles only
+    await serve.create_endpoint(
+        MODEL_ENDPOINT, backend="digits-v1", route="/predict", methods=["POST"]
+    )
     await serve.set_traffic(MODEL_ENDPOINT, TRAFFIC)
-    await serve.create_backend("preprocess", Preprocessor, MODEL_ENDPOINT)
-    await serve.create_endpoint("predict", backend="preprocess", route="/predict", methods=["POST"])
     # The same model behind a typed FastAPI app (@serve.ingress): every path under /api.
     await serve.create_backend("api", DigitsAPI, MODEL_ENDPOINT)
     await serve.create_endpoint("api", backend="api", route="/api")

@@ -7,8 +7,8 @@ entered in the FastAPI lifespan (which builds the deployment of
 - ``POST /models/predict``: aioserve's own endpoint under the mount (routes are relative to it),
   as ``aioserve run`` serves it; ``/models/-/metrics`` and the other system routes too.
 - ``POST /classify``: a FastAPI route with a typed body (pydantic checks it: 422 with FastAPI's
-  error list, and a schema in ``/docs``) that calls the model versions through a handle, with the
-  same traffic split and batching as the preprocessor's calls.
+  error list, and a schema in ``/docs``) that calls the model versions through a handle to their
+  endpoint, with the same traffic split and batching as ``POST /models/predict``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 import aioserve
 from examples.digits.deployment import setup
-from examples.digits.preprocess import MODEL_ENDPOINT, scale
+from examples.digits.model import MODEL_ENDPOINT
 from examples.digits.typed_api import Image, Prediction
 
 
@@ -39,8 +39,8 @@ def create_app() -> FastAPI:
 
     @app.post("/classify")
     async def classify(image: Image) -> Prediction:
-        """Label one image with the model versions behind the ``digits-model`` endpoint."""
-        answer = await digits.get_handle(MODEL_ENDPOINT).remote(scale(image.pixels))
+        """Label one image with the model versions behind the ``digits`` endpoint."""
+        answer = await digits.get_handle(MODEL_ENDPOINT).remote({"pixels": image.pixels})
         return Prediction(**answer)
 
     return app

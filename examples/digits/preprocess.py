@@ -1,34 +1,22 @@
-"""The ``POST /predict`` backend: check the body, scale the pixels, ask the model through a handle.
+"""What ``POST /predict`` takes: checking the body and scaling the pixels.
 
 A client sends ``{"pixels": [64 numbers from 0 to 16]}`` (an 8 x 8 image, row by row, as
-``load_digits()`` has them) and gets ``{"label": int, "version": str}``. A body that is not JSON
-gets 400; JSON that is not such an image gets 422 with a sentence saying what is wrong
-(``pixels[3] is 17: each pixel is a number from 0 (white) to 16 (black).``), never a 500.
-
-Why :class:`Preprocessor` is ``async def`` and holds an async handle: its own work (checking and
-scaling 64 numbers) takes microseconds, so it can run on the event loop; what it mostly does is
-wait for the model. An async replica waits for up to ``max_concurrent_queries`` (100) calls at
-once, so the images of concurrent requests reach the model's batch queue together and share one
-``predict``. A sync backend would hold its replica's thread while it waited, one request at a
-time, and the model would see batches of one. (Heavy preprocessing, such as decoding an image
-file, would belong in a sync backend of its own with several replicas.)
+``load_digits()`` has them). :func:`parse_pixels` checks it and says, in one sentence, what is wrong
+with a body that is not such an image (``pixels[3] is 17: each pixel is a number from 0 (white)
+to 16 (black).``); the model backend turns that into a 422. :func:`scale` maps the pixels to the
+0..1 the model was trained on. Both take microseconds: they run on the event loop, in the model
+backend's ``async def __call__``, before the image joins a batch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-
-import aioserve as serve
-from examples.digits.model import MAX_PIXEL
 
 NUM_PIXELS = 64
+MAX_PIXEL = 16
+"""Pixels of the digits data set go from 0 (white) to 16 (black)."""
+
 _NUMBERS = frozenset({int, float})  # JSON numbers as json.loads makes them (bool is not one)
-MODEL_ENDPOINT = "digits-model"
-"""The headless endpoint the model versions are behind (see :mod:`examples.digits.deployment`)."""
 
 
 def parse_pixels(body: object) -> list[float]:
@@ -85,24 +73,3 @@ def _json_type(value: object) -> str:
         return "null"
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
     return names.get(type(value), "a number" if isinstance(value, int | float) else "a value")
-
-
-class Preprocessor:
-    """The HTTP-facing backend; ``model_endpoint`` names the endpoint of the model versions."""
-
-    def __init__(self, model_endpoint: str = MODEL_ENDPOINT) -> None:
-        # The handle goes to the endpoint, not to a backend: each call takes the endpoint's
-        # traffic split (90 % v1, 10 % v2). missing_ok: the endpoint may be created after this
-        # backend (a TOML deployment creates every backend first); calls wait for it. Inside a
-        # backend, serve.get_handle() reaches the instance the replica runs in, however it was
-        # started (a script, `aioserve run`, a FastAPI lifespan); sync=False: an async handle.
-        self.model = serve.get_handle(model_endpoint, missing_ok=True, sync=False)
-
-    async def __call__(self, request: Request) -> dict[str, Any]:
-        body = await request.json()  # a body that is not JSON: aioserve answers 400
-        try:
-            image = scale(parse_pixels(body))
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        result: dict[str, Any] = await self.model.remote(image)
-        return result

@@ -7,8 +7,9 @@ schema. The endpoint's route (``/api``) is the app's prefix.
 
 :class:`DigitsAPI` is a backend like any other: its replicas take requests through the same
 traffic split, limits and metrics, and ``self`` in a route is the instance of the replica serving
-the request. It reaches the model versions through the same handle as
-:class:`~examples.digits.preprocess.Preprocessor`, so both front doors share the model's batches.
+the request. It reaches the model versions through a handle to their endpoint, which
+``POST /predict`` also goes to, so both front doors take the same traffic split and share the
+model's batches.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 import aioserve as serve
-from examples.digits.model import MAX_PIXEL
-from examples.digits.preprocess import MODEL_ENDPOINT, NUM_PIXELS, scale
+from examples.digits.model import MODEL_ENDPOINT
+from examples.digits.preprocess import MAX_PIXEL, NUM_PIXELS
 
 app = FastAPI(title="digits", description="A random forest classifying 8 x 8 handwritten digits.")
 
@@ -46,5 +47,5 @@ class DigitsAPI:
     @app.post("/predict")
     async def predict(self, image: Image) -> Prediction:
         """The digit an image shows, and the model version that said so."""
-        result: dict[str, Any] = await self.model.remote(scale(image.pixels))
+        result: dict[str, Any] = await self.model.remote({"pixels": image.pixels})
         return Prediction(**result)
