@@ -77,7 +77,7 @@ class Case:
 CASES = (
     Case("digits", "bare Starlette route (threadpool)", "starlette", "/predict", baseline=True),
     Case("digits", "aioserve, sync handler, unbatched", "aioserve", "/predict-unbatched"),
-    Case("digits", "aioserve, example deployment, batched", "aioserve", "/predict", batched=True),
+    Case("digits", "aioserve, example model, batched", "aioserve", "/predict", batched=True),
     Case("numpy", "bare Starlette route (threadpool)", "starlette", "/matmul", baseline=True),
     Case("numpy", "aioserve, 1 sync replica", "aioserve", "/matmul-1"),
     Case("numpy", "aioserve, 2 sync replicas", "aioserve", "/matmul-2"),

@@ -188,6 +188,8 @@ def test_any_bytes_decode_or_fail_as_with_the_standard_library(body: bytes) -> N
         b"[1, 2",
         b'"\xff"',
         b"[" * 100_000,
+        b"[" * 1000 + b"]" * 1000,  # deeper than json.loads goes, within orjson's 1024
+        b'{"a":' * 1000 + b"1" + b"}" * 1000,
     ],
 )
 def test_bodies_orjson_reads_differently_decode_as_the_standard_library(body: bytes) -> None:

@@ -1,8 +1,7 @@
 """A worked example: a digits classifier served end to end (the README's walkthrough).
 
 scikit-learn's ``load_digits()`` data set (8 x 8 images of handwritten digits, shipped inside
-scikit-learn, no download) and a random forest trained when each replica starts. The modules, in
-the order a request meets them:
+scikit-learn, no download) and a random forest trained when each replica starts. The modules:
 
 - :mod:`examples.digits.model`: the ``POST /predict`` backend, a class trained at startup. Its
   ``async def __call__`` reads and checks the body ``{"pixels": [64 numbers from 0 to 16]}`` (a
