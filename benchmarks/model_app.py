@@ -93,7 +93,7 @@ def starlette_app() -> Starlette:
     matmul_model = MatmulModel()
 
     def label(body: object) -> int:
-        return int(forest.predict([scale(parse_pixels(body))])[0])
+        return int(forest.predict(scale([parse_pixels(body)]))[0])
 
     async def predict(request: Request) -> JSONResponse:
         body = await request.json()
@@ -125,8 +125,8 @@ class UnbatchedDigits:
         self.forest = classifier()
 
     def __call__(self, request: aioserve.ServeRequest) -> dict[str, int]:
-        image = scale(parse_pixels(request.get_json()))
-        return {"label": int(self.forest.predict([image])[0])}
+        pixels = parse_pixels(request.get_json())
+        return {"label": int(self.forest.predict(scale([pixels]))[0])}
 
 
 class Matmul:

@@ -87,13 +87,13 @@ class DigitsModel:
         ``await handle.remote({"pixels": [...]})``. The image joins the next batch."""
         body = await request.json() if isinstance(request, Request) else request
         try:
-            image = scale(parse_pixels(body))
+            pixels = parse_pixels(body)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from exc
-        return await self._predict(image)
+        return await self._predict(pixels)
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     def _predict(self, images: list[list[float]]) -> list[dict[str, Any]]:
-        """Label a batch of checked images, scaled to 0..1; runs on the replica's thread."""
-        labels = self.classifier.predict(images)
+        """Label a batch of checked images (pixels 0..16); runs on the replica's thread."""
+        labels = self.classifier.predict(scale(images))
         return [{"label": int(label), "version": self.version} for label in labels]
