@@ -66,11 +66,9 @@ class ServeRequest(Request):
     async def body(self) -> bytes:
         """The whole body, read once and kept: Starlette's ``Request.body``, read straight from
         ``receive`` instead of through ``stream()`` (an async generator per request)."""
-        try:
-            cached: bytes = self._body
+        cached: bytes | None = getattr(self, "_body", None)
+        if cached is not None:
             return cached
-        except AttributeError:
-            pass
         if self._stream_consumed:
             raise RuntimeError("Stream consumed")
         chunks: list[bytes] = []
